@@ -1,0 +1,579 @@
+"""Pure scheduling: priority heaps, delays, leases' bookkeeping, worker credits.
+
+Nothing here touches a socket or the disk. Sessions post events on one memory
+channel; the dispatcher task drains them in batches, applies them through the
+sync core (``*_nowait`` methods, usable directly in tests), then pushes jobs to
+workers that have credit. Every decision depends only on the order of events,
+never on timing: a job's place in line is (priority, seq), fixed at acceptance
+and kept through every requeue.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from ..job import (
+    DEFAULT_MAX_WORKER_LOSSES,
+    TERMINAL_STATES,
+    ErrorInfo,
+    Job,
+    JobState,
+)
+
+log = logging.getLogger("trioq.dispatcher")
+
+
+@attrs.frozen
+class RetryPolicy:
+    """delay(n) = min(max_delay, base * factor ** (n - 1)) * (1 + jitter * u), u in [0, 1)."""
+
+    base: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 300.0
+    jitter: float = 0.1
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        raw = min(self.max_delay, self.base * self.factor ** max(0, failures - 1))
+        return raw * (1.0 + self.jitter * rng.random())
+
+
+@attrs.define(eq=False)
+class WorkerSlot:
+    """The dispatcher's view of one worker session."""
+
+    id: str
+    name: str
+    tasks: frozenset[str]
+    queues: tuple[str, ...]
+    concurrency: int
+    deliver: Callable[[list[Job]], None]
+    abort: Callable[[Job, str], None] = lambda job, reason: None
+    address: str = ""
+    connected_at: float = 0.0
+    last_heartbeat: float = 0.0
+    held: dict[str, Job] = attrs.Factory(dict)
+    draining: bool = False
+    stopping: bool = False
+    alive: bool = True
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def credit(self) -> int:
+        return self.concurrency - len(self.held)
+
+    @property
+    def status(self) -> str:
+        if self.stopping:
+            return "stopping"
+        if self.draining:
+            return "quiet"
+        return "busy" if self.held else "idle"
+
+
+@attrs.frozen
+class DispatcherStatistics:
+    queued: int
+    scheduled: int
+    running: int
+    workers: int
+    idle_workers: int
+    busy_workers: int
+    submitted: int
+    dispatched: int
+    completed: int
+    failed: int
+    dead: int
+    cancelled: int
+    requeued: int
+    retried: int
+
+
+# Events posted on the inbox: a tag and its arguments.
+SUBMIT = "submit"
+JOIN = "join"
+LEAVE = "leave"
+OUTCOME = "outcome"
+RELEASE = "release"
+EXPIRE = "expire"
+CALL = "call"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        now: Callable[[], float] = time.time,
+        retry: RetryPolicy | None = None,
+        max_worker_losses: int = DEFAULT_MAX_WORKER_LOSSES,
+        seed: int | None = None,
+        on_change: Callable[[Iterable[Job]], None] | None = None,
+    ) -> None:
+        self.now = now
+        self.retry = retry or RetryPolicy()
+        self.max_worker_losses = max_worker_losses
+        self.rng = random.Random(seed)
+        #: called with jobs whose state changed (the broker journals them)
+        self.on_change = on_change or (lambda jobs: None)
+        self._buckets: dict[tuple[str, str], list[tuple[int, int, Job]]] = {}
+        self._scheduled: list[tuple[float, int, Job]] = []
+        self.live: dict[str, Job] = {}  # every unfinished job by id
+        self.idempotency: dict[str, Job] = {}
+        self.workers: dict[str, WorkerSlot] = {}
+        self._rotation: deque[str] = deque()
+        self.paused: set[str] = set()
+        self.known_tasks: set[str] = set()
+        self.n_queued = 0
+        self.n_scheduled = 0
+        self.n_running = 0
+        self.submitted = 0
+        self.dispatched = 0
+        self.completed = 0
+        self.failed = 0  # task failures, retried or not
+        self.dead = 0
+        self.cancelled = 0
+        self.requeued = 0
+        self.retried = 0
+        self._next_seq = 1
+        #: finished jobs by (task, state): the broker seeds it from the store at start
+        self.finished: dict[tuple[str, str], int] = {}
+        self._room = trio.Event()
+        self._inbox_send, self._inbox_recv = trio.open_memory_channel[tuple](math.inf)
+        self._wake_schedule = False
+        self.on_dispatch: Callable[[WorkerSlot, list[Job]], None] | None = None
+        self.on_requeue: Callable[[WorkerSlot | None, list[Job], str], None] | None = None
+
+    # --- sequence numbers and recovery --------------------------------------
+
+    def next_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def reserve_seqs(self, n: int) -> int:
+        first = self._next_seq
+        self._next_seq += n
+        return first
+
+    def restore(self, jobs: Iterable[Job], next_seq: int) -> list[Job]:
+        """Put recovered unfinished jobs back in line; running ones count as lost."""
+        self._next_seq = max(self._next_seq, next_seq)
+        requeued: list[Job] = []
+        for job in jobs:
+            if job.state is JobState.RUNNING:
+                job.worker = None
+                self._lose(job)
+                requeued.append(job)
+                if job.state.terminal:
+                    continue
+            self.live[job.id] = job
+            if job.idempotency_key:
+                self.idempotency[job.idempotency_key] = job
+            self._enqueue(job)
+        return requeued
+
+    # --- the inbox ---------------------------------------------------------------
+
+    def post(self, *event: Any) -> None:
+        self._inbox_send.send_nowait(event)
+
+    async def run(self, *, task_status: trio.TaskStatus[Dispatcher] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        recv = self._inbox_recv
+        self.pump()
+        while True:
+            deadline = self.next_due()
+            if deadline is not None:
+                delay = deadline - self.now()
+                with trio.move_on_after(max(0.0, delay)):
+                    event = await recv.receive()
+                    self._apply(event)
+            else:
+                event = await recv.receive()
+                self._apply(event)
+            # Drain what else is waiting: one pump per batch of events.
+            for _ in range(10_000):
+                try:
+                    event = recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                self._apply(event)
+            self.promote_due()
+            self.pump()
+
+    def _apply(self, event: tuple) -> None:
+        tag = event[0]
+        if tag == OUTCOME:
+            self.outcome_nowait(event[1], event[2])
+        elif tag == SUBMIT:
+            self.submit_nowait(event[1])
+        elif tag == JOIN:
+            self.join_nowait(event[1])
+        elif tag == LEAVE:
+            self.leave_nowait(event[1], event[2])
+        elif tag == RELEASE:
+            self.release_nowait(event[1], event[2])
+        elif tag == EXPIRE:
+            self.expire_nowait(event[1], event[2])
+        elif tag == CALL:
+            event[1](*event[2:])
+        else:  # pragma: no cover - programming error
+            raise AssertionError(f"unknown dispatcher event {tag!r}")
+
+    # --- queue state -------------------------------------------------------------
+
+    def _enqueue(self, job: Job) -> None:
+        """Into its bucket, or the schedule when it has a run_at in the future."""
+        if job.run_at is not None and job.run_at > self.now():
+            job.state = JobState.SCHEDULED
+            heapq.heappush(self._scheduled, (job.run_at, job.seq, job))
+            self.n_scheduled += 1
+            return
+        job.state = JobState.QUEUED
+        key = (job.queue, job.task)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = []
+        heapq.heappush(bucket, (job.priority, job.seq, job))
+        self.n_queued += 1
+
+    def promote_due(self) -> list[Job]:
+        now = self.now()
+        due: list[Job] = []
+        sched = self._scheduled
+        while sched and sched[0][0] <= now:
+            at, _, job = heapq.heappop(sched)
+            if job.state is not JobState.SCHEDULED or job.run_at != at:
+                continue  # cancelled or rescheduled meanwhile (lazy deletion)
+            self.n_scheduled -= 1
+            job.run_at = None
+            self._enqueue(job)
+            due.append(job)
+        if due:
+            self.on_change(due)
+        return due
+
+    def next_due(self) -> float | None:
+        while self._scheduled and self._scheduled[0][2].run_at != self._scheduled[0][0]:
+            heapq.heappop(self._scheduled)
+        return self._scheduled[0][0] if self._scheduled else None
+
+    def submit_nowait(self, jobs: list[Job]) -> None:
+        """Accepted (and committed) jobs join the line."""
+        for job in jobs:
+            self.live[job.id] = job
+            if job.idempotency_key:
+                self.idempotency[job.idempotency_key] = job
+            self._enqueue(job)
+            self.known_tasks.add(job.task)
+        self.submitted += len(jobs)
+
+    def _bucket_keys(self, slot: WorkerSlot) -> list[tuple[str, str]]:
+        keys = []
+        buckets = self._buckets
+        paused = self.paused
+        for q in slot.queues:
+            if q in paused:
+                continue
+            for t in slot.tasks:
+                if (q, t) in buckets:
+                    keys.append((q, t))
+        return keys
+
+    def _pop_best(self, keys: list[tuple[str, str]]) -> Job | None:
+        best_bucket = None
+        best = None
+        buckets = self._buckets
+        for key in keys:
+            bucket = buckets[key]
+            while bucket and bucket[0][2].state is not JobState.QUEUED:
+                heapq.heappop(bucket)  # lazily dropped (cancelled)
+            if bucket and (best is None or bucket[0] < best):
+                best = bucket[0]
+                best_bucket = bucket
+        if best_bucket is None:
+            return None
+        heapq.heappop(best_bucket)
+        return best[2]  # type: ignore[index]
+
+    def pump(self) -> int:
+        """Give queued jobs to workers with credit; returns how many went out."""
+        if not self.n_queued or not self._rotation:
+            return 0
+        sent = 0
+        now = self.now()
+        rotation = self._rotation
+        for _ in range(len(rotation)):
+            wid = rotation[0]
+            rotation.rotate(-1)
+            slot = self.workers[wid]
+            if slot.draining or slot.credit <= 0:
+                continue
+            keys = self._bucket_keys(slot)
+            if not keys:
+                continue
+            batch: list[Job] = []
+            held = slot.held
+            for _ in range(slot.credit):
+                job = self._pop_best(keys)
+                if job is None:
+                    break
+                job.state = JobState.RUNNING
+                job.attempts += 1
+                job.worker = slot.name
+                job.started_at = now
+                job.progress = None
+                held[job.id] = job
+                batch.append(job)
+            if batch:
+                n = len(batch)
+                self.n_queued -= n
+                self.n_running += n
+                self.dispatched += n
+                sent += n
+                self.on_change(batch)
+                slot.deliver(batch)
+                if self.on_dispatch is not None:
+                    self.on_dispatch(slot, batch)
+            if not self.n_queued:
+                break
+        return sent
+
+    # --- workers -------------------------------------------------------------------
+
+    def join_nowait(self, slot: WorkerSlot) -> None:
+        self.workers[slot.id] = slot
+        self._rotation.append(slot.id)
+        self.known_tasks.update(slot.tasks)
+
+    def leave_nowait(self, slot: WorkerSlot, reason: str) -> list[Job]:
+        """A worker is gone: every job it held goes back, first in its priority."""
+        slot.alive = False
+        if self.workers.pop(slot.id, None) is not None:
+            self._rotation.remove(slot.id)
+        lost = sorted(slot.held.values(), key=lambda j: (j.priority, j.seq))
+        slot.held.clear()
+        back: list[Job] = []
+        for job in lost:
+            if job.state is not JobState.RUNNING:
+                continue  # cancelled while running: already final
+            self.n_running -= 1
+            self._lose(job)
+            back.append(job)
+        if back:
+            self.on_change(back)
+            if self.on_requeue is not None:
+                self.on_requeue(slot, back, reason)
+        return back
+
+    def _lose(self, job: Job) -> None:
+        """A running job whose worker is gone: requeue, or dead after too many losses."""
+        job.worker_losses += 1
+        job.worker = None
+        if job.worker_losses >= self.max_worker_losses:
+            self._finish(job, JobState.DEAD, reason="worker_lost")
+            self.dead += 1
+            return
+        self.requeued += 1
+        self._enqueue(job)
+
+    def drain_nowait(self, slot: WorkerSlot, *, stopping: bool = False) -> None:
+        slot.draining = True
+        slot.stopping = slot.stopping or stopping
+
+    def release_nowait(self, slot: WorkerSlot, items: list[tuple[str, int]]) -> list[Job]:
+        """The worker handed jobs back unfinished: requeue without counting a failure."""
+        back = []
+        for job_id, attempt in items:
+            job = slot.held.get(job_id)
+            if job is None or job.attempts != attempt:
+                continue
+            del slot.held[job_id]
+            if job.state is not JobState.RUNNING:
+                continue
+            self.n_running -= 1
+            job.worker = None
+            self.requeued += 1
+            self._enqueue(job)
+            back.append(job)
+        if back:
+            self.on_change(back)
+            if self.on_requeue is not None:
+                self.on_requeue(slot, back, "released")
+        return back
+
+    def expire_nowait(self, slot: WorkerSlot, job_id: str) -> Job | None:
+        """A lease ran past its job's timeout plus grace: the job is lost to that worker."""
+        job = slot.held.pop(job_id, None)
+        if job is None or job.state is not JobState.RUNNING:
+            return None
+        self.n_running -= 1
+        slot.abort(job, "timeout")
+        self._lose(job)
+        self.on_change([job])
+        if self.on_requeue is not None:
+            self.on_requeue(slot, [job], "lease expired")
+        return job
+
+    def is_current(self, slot: WorkerSlot, job_id: str, attempt: int) -> bool:
+        """Fencing: only the holder of the current attempt may report on a job."""
+        job = slot.held.get(job_id)
+        return job is not None and job.attempts == attempt
+
+    # --- outcomes --------------------------------------------------------------------
+
+    def outcome_nowait(self, slot: WorkerSlot, outcomes: list) -> list[Job]:
+        """Record results; stale ones (another attempt is current) are ignored."""
+        changed: list[Job] = []
+        now = self.now()
+        held = slot.held
+        for oc in outcomes:
+            job = held.get(oc.id)
+            if job is None or job.attempts != oc.attempt:
+                continue
+            del held[oc.id]
+            if job.state is not JobState.RUNNING:
+                changed.append(job)  # cancelled while running; the lease is released
+                continue
+            self.n_running -= 1
+            if oc.ok:
+                job.result = oc.result
+                job.error = None
+                self._finish(job, JobState.COMPLETED, now=now)
+                self.completed += 1
+                slot.completed += 1
+            else:
+                self._fail(job, oc.error or ErrorInfo("Error", "unknown failure"), now)
+                slot.failed += 1
+            changed.append(job)
+        if changed:
+            self.on_change(changed)
+        return changed
+
+    def _fail(self, job: Job, error: ErrorInfo, now: float) -> None:
+        job.error = error
+        job.failures += 1
+        job.worker = None
+        self.failed += 1
+        if error.retryable and job.failures < job.max_attempts:
+            job.run_at = now + self.retry.delay(job.failures, self.rng)
+            self.retried += 1
+            self._enqueue(job)
+        else:
+            self._finish(job, JobState.DEAD, now=now, reason="failed" if error.retryable else "not_retryable")
+            self.dead += 1
+
+    def _finish(self, job: Job, state: JobState, *, now: float | None = None, reason: str | None = None) -> None:
+        job.state = state
+        job.finished_at = self.now() if now is None else now
+        key = (job.task, state.value)
+        self.finished[key] = self.finished.get(key, 0) + 1
+        if state is JobState.DEAD:
+            job.dead_reason = reason
+        self.live.pop(job.id, None)
+        if job.idempotency_key and self.idempotency.get(job.idempotency_key) is job:
+            del self.idempotency[job.idempotency_key]
+        if not self._room.is_set():
+            self._room.set()
+
+    # --- operations ------------------------------------------------------------------
+
+    def cancel_nowait(self, job_id: str) -> Job | None:
+        """Cancel an unfinished job; a running one is aborted on its worker."""
+        job = self.live.get(job_id)
+        if job is None:
+            return None
+        prev = job.state
+        if prev is JobState.QUEUED:
+            self.n_queued -= 1
+        elif prev is JobState.SCHEDULED:
+            self.n_scheduled -= 1
+        elif prev is JobState.RUNNING:
+            self.n_running -= 1
+            for slot in self.workers.values():
+                if slot.held.get(job_id) is job:
+                    slot.abort(job, "cancelled")
+                    break
+        self._finish(job, JobState.CANCELLED)
+        self.cancelled += 1
+        job.run_at = None
+        self.on_change([job])
+        return job
+
+    def retry_nowait(self, job: Job) -> None:
+        """A dead or cancelled job (loaded from the store) gets a fresh set of attempts."""
+        self.forget_finished(job)
+        job.failures = 0
+        job.worker_losses = 0
+        job.finished_at = None
+        job.dead_reason = None
+        job.run_at = None
+        job.error = None
+        self.live[job.id] = job
+        self._enqueue(job)
+        self.on_change([job])
+
+    def forget_finished(self, job: Job) -> None:
+        """A finished job leaves the counts (retried or discarded)."""
+        key = (job.task, job.state.value)
+        if self.finished.get(key, 0) > 0:
+            self.finished[key] -= 1
+
+    def set_paused(self, queue: str, paused: bool) -> None:
+        (self.paused.add if paused else self.paused.discard)(queue)
+
+    def has_room(self, limit: int) -> bool:
+        return len(self.live) < limit
+
+    async def wait_room(self, limit: int) -> None:
+        """Backpressure: wait until fewer than ``limit`` unfinished jobs are held."""
+        while len(self.live) >= limit:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    # --- views --------------------------------------------------------------------------
+
+    def queued_jobs(self) -> list[Job]:
+        """Every queued job in dispatch order per bucket (for tests and status)."""
+        jobs = [e[2] for b in self._buckets.values() for e in b if e[2].state is JobState.QUEUED]
+        return sorted(jobs, key=lambda j: (j.priority, j.seq))
+
+    def queue_depths(self) -> dict[str, dict[int, int]]:
+        out: dict[str, dict[int, int]] = {}
+        for job in self.live.values():
+            if job.state is JobState.QUEUED or job.state is JobState.SCHEDULED:
+                per = out.setdefault(job.queue, {})
+                per[job.priority] = per.get(job.priority, 0) + 1
+        return out
+
+    def statistics(self) -> DispatcherStatistics:
+        idle = sum(1 for s in self.workers.values() if not s.held and not s.draining)
+        return DispatcherStatistics(
+            queued=self.n_queued,
+            scheduled=self.n_scheduled,
+            running=self.n_running,
+            workers=len(self.workers),
+            idle_workers=idle,
+            busy_workers=sum(1 for s in self.workers.values() if s.held),
+            submitted=self.submitted,
+            dispatched=self.dispatched,
+            completed=self.completed,
+            failed=self.failed,
+            dead=self.dead,
+            cancelled=self.cancelled,
+            requeued=self.requeued,
+            retried=self.retried,
+        )
+
+
+__all__ = ["TERMINAL_STATES", "Dispatcher", "RetryPolicy", "WorkerSlot"]

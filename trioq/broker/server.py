@@ -1,0 +1,584 @@
+"""The broker process: listener, TLS, handshake, and the operations every face uses.
+
+``Broker.serve`` owns one nursery holding the store writer, the dispatcher,
+the purge loop, the TCP listener (each connection in its own nursery, TLS
+through ``trio.SSLStream``) and, when enabled, the HTTP API.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
+from ..job import BUILTIN_TASKS, DEFAULT_MAX_ATTEMPTS, TERMINAL_STATES, Job, JobSpec, JobState
+from ..protocol.framing import FramedConnection
+from ..protocol.messages import PROTOCOL_VERSION, ROLES, Error, Hello, Welcome
+from ..store.base import JobPage, Store
+from ..store.memory import MemoryStore
+from ..store.sqlite import SQLiteStore
+from ..store.writer import StoreWriter
+from .auth import MAY_ACT_AS, Authenticator
+from .config import BrokerConfig, is_loopback
+from .dispatcher import CALL, SUBMIT, Dispatcher, RetryPolicy, WorkerSlot
+from .events import EventHub
+from .sessions import ProducerSession, RequestError, WorkerSession, make_jobs, validate_specs
+
+log = logging.getLogger("trioq.broker")
+
+BACKPRESSURE_WAIT = 30.0
+
+
+@attrs.frozen
+class BrokerHandle:
+    """What ``nursery.start(broker.serve)`` returns once the broker accepts connections."""
+
+    broker: Broker
+    host: str
+    port: int
+    http_port: int | None
+    cancel_scope: trio.CancelScope
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """A job as the API and event streams show it (no payload, no traceback)."""
+    err = job.error
+    return {
+        "id": job.id,
+        "seq": job.seq,
+        "task": job.task,
+        "queue": job.queue,
+        "priority": job.priority,
+        "state": job.state.value,
+        "attempts": job.attempts,
+        "failures": job.failures,
+        "worker": job.worker,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "result": job.result if job.state is JobState.COMPLETED else None,
+        "error": None if err is None else {"type": err.type, "message": err.message},
+        "progress": None if job.progress is None else {"value": job.progress.value, "message": job.progress.message},
+    }
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig | None = None,
+        *,
+        store: Store | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        authenticator: Authenticator | None = None,
+        now: Callable[[], float] = time.time,
+        seed: int | None = None,
+    ) -> None:
+        self.config = config = config or BrokerConfig()
+        config.validate()
+        if store is None:
+            store = MemoryStore() if config.db == ":memory:" else SQLiteStore(config.db, synchronous=config.sync)
+        self.store = store
+        self.now = now
+        self.ssl_context = ssl_context
+        self.auth = authenticator if authenticator is not None else Authenticator.load(config.auth_file)
+        if self.auth.open and not is_loopback(config.host):
+            raise ValueError(
+                f"refusing to listen on {config.host} without authentication: configure tokens "
+                "(--auth-file or TRIOQ_*_TOKEN) or bind to a loopback address"
+            )
+        self.dispatcher = Dispatcher(
+            now=now,
+            retry=RetryPolicy(base=config.retry_base, max_delay=config.retry_max, jitter=config.retry_jitter),
+            max_worker_losses=config.max_worker_losses,
+            seed=seed,
+            on_change=self.journal,
+        )
+        self.dispatcher.on_requeue = self._log_requeue
+        self.writer = StoreWriter(store)
+        self.writer.on_commit.append(self._committed)
+        self.hub = EventHub()
+        self.task_defaults: dict[str, dict[str, Any]] = {}
+        self.default_max_attempts = DEFAULT_MAX_ATTEMPTS
+        self.worker_sessions: dict[str, WorkerSession] = {}
+        self._waiters: dict[str, list[Callable[[Job], None]]] = {}
+        self.connections = 0
+        self.started_at = now()
+        self.dispatch_latency: list[float] = []  # recent queue waits, for metrics
+        self.observers: list[Callable[[str, Any], None]] = []  # metrics hooks
+        self.http_port: int | None = None
+
+    # --- startup ------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[BrokerHandle] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as nursery:
+            await self.start_core(nursery)
+            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+            port = listeners[0].socket.getsockname()[1]
+            await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+            log.info(
+                "broker listening on %s:%d (TLS %s, auth %s, store %s)",
+                cfg.host, port, "on" if self.ssl_context else "OFF",
+                "OPEN (loopback only)" if self.auth.open else f"{len(self.auth.credentials)} token(s)",
+                self.store.description,
+            )
+            if self.auth.open:
+                log.warning("no tokens configured: any local process may submit and fetch jobs (loopback only)")
+            if cfg.http:
+                from ..http.server import serve_http
+
+                self.http_port = await nursery.start(serve_http, self)
+            task_status.started(BrokerHandle(self, cfg.host, port, self.http_port, nursery.cancel_scope))
+
+    async def start_core(self, nursery: trio.Nursery) -> None:
+        """Recover from the store and start the writer, dispatcher and purge loop."""
+        store = self.store
+        t0 = time.perf_counter()
+        recovered = store.open_sync() if store.inline else await trio.to_thread.run_sync(store.open_sync)
+        counts = store.counts_sync() if store.inline else await trio.to_thread.run_sync(store.counts_sync)
+        d = self.dispatcher
+        d.known_tasks.update(BUILTIN_TASKS)
+        d.known_tasks.update(self.config.tasks)
+        d.known_tasks.update(recovered.tasks)
+        d.paused.update(recovered.paused_queues)
+        self._seed_finished(counts)
+        requeued = d.restore(recovered.jobs, recovered.next_seq)
+        await nursery.start(self.writer.run)
+        if requeued:
+            self.journal(requeued)
+            log.warning(
+                "recovered %d running job(s) from the last run and requeued them: %s",
+                len(requeued), ", ".join(j.id for j in requeued[:20]),
+            )
+        log.info(
+            "store %s: %d unfinished job(s) restored in %.2fs", store.description,
+            len(recovered.jobs), time.perf_counter() - t0,
+        )
+        await nursery.start(d.run)
+        nursery.start_soon(self._purge_loop)
+
+    def _seed_finished(self, counts: dict[str, dict[str, int]]) -> None:
+        terminal = {s.value for s in TERMINAL_STATES}
+        self.dispatcher.finished = {
+            (task, state): n for task, per in counts.items() for state, n in per.items() if state in terminal
+        }
+
+    async def _purge_loop(self) -> None:
+        store = self.store
+        while True:
+            await trio.sleep(self.config.purge_interval)
+            cutoff = self.now() - self.config.result_ttl
+            try:
+                n = store.purge_sync(cutoff) if store.inline else await trio.to_thread.run_sync(store.purge_sync, cutoff)
+                if n:
+                    log.info("purged %d finished job(s) older than the result TTL", n)
+                    counts = store.counts_sync() if store.inline else await trio.to_thread.run_sync(store.counts_sync)
+                    self._seed_finished(counts)
+            except Exception as exc:  # a failing disk must not stop the broker
+                log.error("purge failed: %s", exc)
+
+    # --- connections ----------------------------------------------------------------
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = "%s:%s" % stream.socket.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        if self.connections >= self.config.max_connections:
+            log.warning("connection from %s refused: busy (%d connections open)", peer, self.connections)
+            await stream.aclose()
+            return
+        self.connections += 1
+        try:
+            if self.ssl_context is None:
+                await self.serve_connection(stream, peer)
+                return
+            tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            with trio.move_on_after(self.config.handshake_timeout) as cs:
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    cause = exc.__cause__ or exc
+                    log.warning("connection from %s refused: TLS handshake failed: %s", peer, _short(cause))
+                    await _close_quietly(stream)
+                    return
+            if cs.cancelled_caught:
+                log.warning("connection from %s refused: no TLS handshake within %gs", peer, self.config.handshake_timeout)
+                await _close_quietly(stream)
+                return
+            cert_role = None
+            if self.config.require_client_cert:
+                from ..tls import role_from_peer_cert
+
+                _, cert_role = role_from_peer_cert(tls.getpeercert(binary_form=True))
+            await self.serve_connection(tls, peer, cert_role=cert_role)
+        finally:
+            self.connections -= 1
+
+    async def serve_connection(self, stream: trio.abc.Stream, peer: str = "memory", *, cert_role: str | None = None) -> None:
+        """Speak trioq over an established stream until it ends; never raises to the caller."""
+        conn = FramedConnection(stream, max_frame=self.config.max_frame)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_writer, conn, nursery.cancel_scope)
+            try:
+                await self._session(conn, peer, cert_role)
+            except ProtocolError as exc:
+                log.warning("connection from %s closed: %s: %s", peer, exc.code.value, exc.message)
+                try:
+                    conn.send_nowait(Error(exc.code.value, exc.message, fatal=True))
+                except ConnectionLost:
+                    pass
+            except ConnectionLost:
+                pass
+            finally:
+                conn.close_after_flush()
+                with trio.move_on_after(2):
+                    await conn.wait_flushed()
+                nursery.cancel_scope.cancel()
+        await conn.aclose()
+
+    async def _session(self, conn: FramedConnection, peer: str, cert_role: str | None) -> None:
+        cfg = self.config
+        hello = None
+        with trio.move_on_after(cfg.hello_timeout):
+            hello = await conn.receive()
+        if hello is None:
+            raise ProtocolError(ErrorCode.TIMEOUT, f"no hello within {cfg.hello_timeout:g}s")
+        if not isinstance(hello, Hello):
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"the first message must be 'hello', not {hello.TYPE!r}")
+        if hello.version != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.VERSION, f"protocol version {hello.version} is not supported (broker speaks {PROTOCOL_VERSION})")
+        if hello.role not in ROLES:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"role must be one of {', '.join(ROLES)}")
+        owner = self._authenticate(hello, cert_role, peer)
+        session_id = secrets.token_hex(4)
+        conn.send_nowait(
+            Welcome(
+                version=PROTOCOL_VERSION,
+                session=session_id,
+                role=hello.role,
+                heartbeat_interval=cfg.heartbeat_interval,
+                heartbeat_timeout=cfg.heartbeat_timeout,
+                max_frame=cfg.max_frame,
+                max_batch=cfg.max_batch,
+            )
+        )
+        if hello.role == "worker":
+            session = WorkerSession(self, conn, hello, peer, session_id, owner, hello.role)
+            await session.run()
+        else:
+            await ProducerSession(self, conn, hello, peer, session_id, owner, hello.role).run()
+
+    def _authenticate(self, hello: Hello, cert_role: str | None, peer: str) -> str | None:
+        if self.config.require_client_cert:
+            if cert_role not in MAY_ACT_AS:
+                raise ProtocolError(ErrorCode.UNAUTHENTICATED, "client certificate carries no trioq role")
+            if hello.role not in MAY_ACT_AS[cert_role]:
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"a {cert_role} certificate cannot open a {hello.role} session")
+            return f"cert:{cert_role}"
+        if self.auth.open:
+            return None
+        cred = self.auth.check(hello.token)
+        if cred is None:
+            raise ProtocolError(ErrorCode.UNAUTHENTICATED, "missing or unknown token")
+        if hello.role not in MAY_ACT_AS[cred.role]:
+            raise ProtocolError(ErrorCode.FORBIDDEN, f"a {cred.role} token cannot open a {hello.role} session")
+        return cred.name
+
+    # --- journaling and notifications ---------------------------------------------------
+
+    def journal(self, jobs: Iterable[Job]) -> None:
+        self.writer.write_nowait(list(jobs))
+
+    def _committed(self, jobs: Iterable[Job]) -> None:
+        waiters = self._waiters
+        hub = self.hub
+        if not waiters and not hub.active and not self.observers:
+            return
+        for job in jobs:
+            if job.state in TERMINAL_STATES:
+                cbs = waiters.pop(job.id, None)
+                if cbs:
+                    for cb in cbs:
+                        cb(job)
+            if hub.active:
+                hub.publish("job", job_summary(job))
+            for obs in self.observers:
+                obs("job", job)
+
+    def publish_worker(self, slot: WorkerSlot, event: str) -> None:
+        if self.hub.active:
+            self.hub.publish("worker", {**worker_view(slot), "event": event})
+
+    def worker_joined(self, slot: WorkerSlot, session: WorkerSession) -> None:
+        """Runs in the dispatcher task (posted as CALL), so it is ordered with the rest."""
+        if not slot.alive:
+            return
+        self.dispatcher.join_nowait(slot)
+        self.worker_sessions[slot.id] = session
+        for task, defaults in session.hello.defaults.items():
+            self.task_defaults[task] = attrs.asdict(defaults)
+        self.writer.write_nowait([], tasks=slot.tasks)
+        log.info(
+            "worker %s joined from %s: concurrency %d, queues %s, tasks %s",
+            slot.name, slot.address, slot.concurrency, ",".join(slot.queues), ",".join(sorted(slot.tasks)),
+        )
+        self.publish_worker(slot, "joined")
+
+    def worker_left(self, slot: WorkerSlot, reason: str) -> None:
+        self.worker_sessions.pop(slot.id, None)
+        log.warning("worker %s lost: %s", slot.name, reason)
+        self.publish_worker(slot, "lost")
+
+    def _log_requeue(self, slot: WorkerSlot | None, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            if job.state is JobState.DEAD:
+                log.error("job %s is dead after %d worker losses (worker_lost)", job.id, job.worker_losses)
+            else:
+                log.warning(
+                    "job %s requeued (%s on %s): priority %d, seq %d, attempt %d next",
+                    job.id, reason, slot.name if slot else "?", job.priority, job.seq, job.attempts + 1,
+                )
+
+    # --- operations (used by sessions, the HTTP API and tests) -----------------------------
+
+    async def submit(self, specs: list[JobSpec], *, owner: str | None = None) -> tuple[list[str], list[bool]]:
+        validate_specs(specs, self)
+        d = self.dispatcher
+        if not d.has_room(self.config.max_queued):
+            with trio.move_on_after(BACKPRESSURE_WAIT):
+                await d.wait_room(self.config.max_queued)
+            if not d.has_room(self.config.max_queued):
+                raise RequestError(ErrorCode.BUSY, f"the broker holds {self.config.max_queued} unfinished jobs; try again later")
+        if not self.writer.healthy:
+            raise RequestError(ErrorCode.BUSY, f"the store is failing ({self.writer.last_error}); not accepting jobs")
+        ids: list[str | None] = [None] * len(specs)
+        existing = [False] * len(specs)
+        fresh_specs: list[JobSpec] = []
+        fresh_pos: list[int] = []
+        for i, spec in enumerate(specs):
+            key = spec.idempotency_key
+            if key is not None and key in d.idempotency:
+                ids[i] = d.idempotency[key].id
+                existing[i] = True
+            else:
+                fresh_specs.append(spec)
+                fresh_pos.append(i)
+        jobs = make_jobs(fresh_specs, self, owner) if fresh_specs else []
+        claimed = []
+        for job, i in zip(jobs, fresh_pos, strict=True):
+            ids[i] = job.id
+            key = job.idempotency_key
+            if key is not None:
+                if key in d.idempotency:  # twice in one batch
+                    ids[i] = d.idempotency[key].id
+                    existing[i] = True
+                    continue
+                d.idempotency[key] = job
+                claimed.append(key)
+        jobs = [j for j, i in zip(jobs, fresh_pos, strict=True) if not existing[i]]
+        if jobs:
+            # Shielded: once the commit is asked for, the jobs must reach the dispatcher.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.writer.write(jobs, new=True)
+                except StoreError:
+                    for key in claimed:
+                        d.idempotency.pop(key, None)
+                    raise
+                d.post(SUBMIT, jobs)
+        return ids, existing  # type: ignore[return-value]
+
+    async def get_job(self, job_id: str) -> Job | None:
+        job = self.dispatcher.live.get(job_id)
+        if job is not None:
+            return job
+        if not isinstance(job_id, str) or len(job_id) > 64:
+            return None
+        store = self.store
+        return store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
+
+    async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None) -> JobPage:
+        store = self.store
+        if store.inline:
+            return store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor)
+        return await trio.to_thread.run_sync(
+            lambda: store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor)
+        )
+
+    async def wait_job(self, job_id: str, timeout: float | None = None) -> Job | None:
+        """The job once it is final (committed); None if there is no such job."""
+        if job_id not in self.dispatcher.live:
+            job = await self.get_job(job_id)
+            if job is None:
+                return None
+            if job.state in TERMINAL_STATES:
+                return job
+        done = trio.Event()
+        box: list[Job] = []
+
+        def fire(job: Job) -> None:
+            box.append(job)
+            done.set()
+
+        self._waiters.setdefault(job_id, []).append(fire)
+        try:
+            if timeout is None:
+                await done.wait()
+            else:
+                with trio.move_on_after(timeout):
+                    await done.wait()
+        finally:
+            if not box:
+                cbs = self._waiters.get(job_id)
+                if cbs and fire in cbs:
+                    cbs.remove(fire)
+                    if not cbs:
+                        del self._waiters[job_id]
+        return box[0] if box else await self.get_job(job_id)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn in the dispatcher task, in order with every other event, and wait for it."""
+        done = trio.Event()
+        box: list[Any] = []
+
+        def run() -> None:
+            try:
+                box.append((True, fn(*args)))
+            except Exception as exc:
+                box.append((False, exc))
+            done.set()
+
+        self.dispatcher.post(CALL, run)
+        await done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    async def cancel_job(self, job_id: str, *, owner: str | None = None) -> Job:
+        job = await self.get_job(job_id)
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
+        if owner is not None and job.owner is not None and job.owner != owner:
+            raise RequestError(ErrorCode.FORBIDDEN, "only the submitter or an admin may cancel this job")
+        if job.state in TERMINAL_STATES:
+            raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} is already {job.state.value}")
+        cancelled = await self._call(self.dispatcher.cancel_nowait, job_id)
+        if cancelled is None:
+            raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} finished before it could be cancelled")
+        log.info("job %s cancelled (was %s)", job_id, job.state.value)
+        return cancelled
+
+    async def retry_job(self, job_id: str) -> Job:
+        job = await self.get_job(job_id)
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
+        if job.state not in (JobState.DEAD, JobState.CANCELLED):
+            raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
+        await self._call(self.dispatcher.retry_nowait, job)
+        log.info("job %s retried by request", job_id)
+        return job
+
+    async def discard_job(self, job_id: str) -> Job:
+        job = await self.get_job(job_id)
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
+        if job.state not in TERMINAL_STATES:
+            raise RequestError(ErrorCode.INVALID_STATE, f"only finished jobs can be discarded; {job_id} is {job.state.value}")
+        store = self.store
+        gone = store.delete_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.delete_sync, job_id)
+        if gone:
+            self.dispatcher.forget_finished(job)
+        log.info("job %s discarded", job_id)
+        return job
+
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        await self._call(self.dispatcher.set_paused, queue, paused)
+        store = self.store
+        if store.inline:
+            store.set_paused_sync(queue, paused)
+        else:
+            await trio.to_thread.run_sync(store.set_paused_sync, queue, paused)
+        log.info("queue %s %s", queue, "paused" if paused else "resumed")
+
+    async def drain_worker(self, worker_id: str, *, stop: bool) -> WorkerSlot:
+        session = self.worker_sessions.get(worker_id)
+        if session is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no worker with id {worker_id!r}")
+        await self._call(self.dispatcher.drain_nowait, session.slot, stopping=stop)
+        session.send_drain(stop)
+        log.info("worker %s asked to %s", session.slot.name, "stop" if stop else "quiet")
+        self.publish_worker(session.slot, "updated")
+        return session.slot
+
+    # --- views ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        d = self.dispatcher
+        st = d.statistics()
+        fin: dict[str, int] = {"completed": 0, "dead": 0, "cancelled": 0}
+        for (_, state), n in d.finished.items():
+            fin[state] = fin.get(state, 0) + n
+        jobs = {"queued": st.queued, "scheduled": st.scheduled, "running": st.running, **fin}
+        return {
+            "queue_size": st.queued + st.scheduled,
+            "workers": {"total": st.workers, "idle": st.idle_workers, "busy": st.busy_workers},
+            "jobs": jobs,
+            "requeued": st.requeued,
+            "submitted_total": st.submitted,
+            "completed_total": st.completed,
+            "failed_total": st.failed,
+            "dead_total": st.dead,
+            "cancelled_total": st.cancelled,
+            "total": sum(jobs.values()),
+            "uptime": self.now() - self.started_at,
+            "store": {"description": self.store.description, "healthy": self.writer.healthy, "commits": self.writer.commits},
+        }
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [worker_view(s) for s in self.dispatcher.workers.values()]
+
+
+def worker_view(slot: WorkerSlot) -> dict[str, Any]:
+    return {
+        "id": slot.id,
+        "name": slot.name,
+        "address": slot.address,
+        "status": slot.status,
+        "current_jobs": list(slot.held),
+        "concurrency": slot.concurrency,
+        "tasks": sorted(slot.tasks),
+        "queues": list(slot.queues),
+        "last_heartbeat": slot.last_heartbeat,
+        "connected_at": slot.connected_at,
+        "completed": slot.completed,
+        "failed": slot.failed,
+    }
+
+
+async def _run_writer(conn: FramedConnection, scope: trio.CancelScope) -> None:
+    try:
+        await conn.run_writer()
+    except ConnectionLost:
+        scope.cancel()
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    with trio.move_on_after(1):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 200 else text[:200] + "…"

@@ -1,0 +1,438 @@
+"""One session per connection, after HELLO: a producer's or a worker's.
+
+A worker session is the cancel scope its jobs live in: every dispatched job is
+a lease held by the session (jobs with a timeout get a child cancel scope whose
+deadline is the lease's end). When the worker is lost, by EOF, reset or silence
+past ``heartbeat_timeout``, the session's scope ends and every lease goes back
+to the dispatcher, which puts the jobs back in line under their original keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import trio
+
+from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
+from ..job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState, new_job_id
+from ..protocol.framing import FramedConnection
+from ..protocol.messages import (
+    Abort,
+    Ack,
+    CancelJob,
+    Delivery,
+    DiscardJob,
+    Dispatch,
+    Drain,
+    Error,
+    GetJob,
+    Heartbeat,
+    Hello,
+    JobReply,
+    JobsReply,
+    ListJobs,
+    Message,
+    ProgressReport,
+    Release,
+    Result,
+    RetryJob,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    WaitJob,
+)
+from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, SUBMIT, WorkerSlot
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+log = logging.getLogger("trioq.broker")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+
+
+class RequestError(Exception):
+    """A request the broker refuses without closing the connection."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Session:
+    """What every session shares: the connection, error accounting, the role."""
+
+    def __init__(self, broker: Broker, conn: FramedConnection, hello: Hello, peer: str, session_id: str, owner: str | None, role: str) -> None:
+        self.broker = broker
+        self.conn = conn
+        self.hello = hello
+        self.peer = peer
+        self.id = session_id
+        self.owner = owner
+        self.role = role
+        self.errors = 0
+
+    def refuse(self, code: ErrorCode, message: str, req: int | None = None) -> None:
+        """A non-fatal ERROR; too many of them and the connection is closed."""
+        self.errors += 1
+        if self.errors > self.broker.config.max_errors:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {self.broker.config.max_errors} errors on this connection")
+        self.conn.send_nowait(Error(code.value, message, req=req))
+
+
+# --- producers -------------------------------------------------------------------------------
+
+
+class ProducerSession(Session):
+    """Submits, reads and waits; requests are served concurrently, up to a bound."""
+
+    async def run(self) -> None:
+        limiter = trio.CapacityLimiter(256)
+        self.waits = 0
+        self._fatal: ProtocolError | None = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                while True:
+                    msg = await self.conn.receive()
+                    while msg is not None:
+                        await self._dispatch(nursery, limiter, msg)
+                        msg = self.conn.receive_nowait()
+            except ConnectionLost:
+                pass
+            except ProtocolError as exc:
+                self._fatal = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _dispatch(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, msg: Message) -> None:
+        if isinstance(msg, Heartbeat):
+            return
+        req = getattr(msg, "req", None)
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"a {self.role} session cannot send {msg.TYPE!r}")
+        if type(msg) in (RetryJob, DiscardJob) and self.role != "admin" and not self.broker.auth.open:
+            self.refuse(ErrorCode.FORBIDDEN, f"{msg.TYPE} needs the admin role", req)
+            return
+        borrower = object()
+        await limiter.acquire_on_behalf_of(borrower)
+        nursery.start_soon(self._serve, handler, msg, limiter, req, borrower)
+
+    async def _serve(self, handler, msg: Message, limiter: trio.CapacityLimiter, req: int | None, borrower: object) -> None:
+        try:
+            try:
+                await handler(self, msg)
+            except RequestError as exc:
+                self.refuse(exc.code, exc.message, req)
+            except StoreError as exc:
+                self.refuse(ErrorCode.BUSY, f"not accepted, the store is failing: {exc}", req)
+        except ConnectionLost:
+            pass
+        except ProtocolError as exc:  # too many errors: close the connection
+            self._fatal = exc
+            self._nursery.cancel_scope.cancel()
+        finally:
+            limiter.release_on_behalf_of(borrower)
+
+    async def _submit(self, msg: Submit) -> None:
+        ids, existing = await self.broker.submit(msg.jobs, owner=self.owner)
+        self.conn.send_nowait(Ack(msg.req, ids, existing))
+
+    async def _get(self, msg: GetJob) -> None:
+        job = await self.broker.get_job(msg.id)
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
+        self.conn.send_nowait(JobReply(msg.req, job))
+
+    async def _list(self, msg: ListJobs) -> None:
+        state = None
+        if msg.state is not None:
+            try:
+                state = JobState(msg.state)
+            except ValueError:
+                raise RequestError(ErrorCode.INVALID_FIELD, f"unknown state {msg.state!r}") from None
+        limit = max(1, min(msg.limit, 1000))
+        page = await self.broker.list_jobs(state=state, queue=msg.queue, task=msg.task, limit=limit, cursor=msg.cursor)
+        self.conn.send_nowait(JobsReply(msg.req, page.jobs, page.next_cursor))
+
+    async def _wait(self, msg: WaitJob) -> None:
+        if self.waits >= self.broker.config.max_waits:
+            raise RequestError(ErrorCode.BUSY, "too many outstanding waits on this connection")
+        self.waits += 1
+        try:
+            job = await self.broker.wait_job(msg.id)
+        finally:
+            self.waits -= 1
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
+        self.conn.send_nowait(JobReply(msg.req, job))
+
+    async def _cancel(self, msg: CancelJob) -> None:
+        job = await self.broker.cancel_job(msg.id, owner=None if self.role == "admin" else self.owner)
+        self.conn.send_nowait(JobReply(msg.req, job))
+
+    async def _retry(self, msg: RetryJob) -> None:
+        self.conn.send_nowait(JobReply(msg.req, await self.broker.retry_job(msg.id)))
+
+    async def _discard(self, msg: DiscardJob) -> None:
+        self.conn.send_nowait(JobReply(msg.req, await self.broker.discard_job(msg.id)))
+
+    async def _status(self, msg: StatusRequest) -> None:
+        self.conn.send_nowait(StatusReply(msg.req, self.broker.stats()))
+
+    _handlers: dict[type, Any] = {
+        Submit: _submit,
+        GetJob: _get,
+        ListJobs: _list,
+        WaitJob: _wait,
+        CancelJob: _cancel,
+        RetryJob: _retry,
+        DiscardJob: _discard,
+        StatusRequest: _status,
+    }
+
+
+def validate_specs(specs: list[JobSpec], broker: Broker) -> None:
+    """Refuse a whole batch if any job in it is wrong; name the job and the field."""
+    cfg = broker.config
+    if not specs:
+        raise RequestError(ErrorCode.INVALID_FIELD, "submit carries no jobs")
+    if len(specs) > cfg.max_batch:
+        raise RequestError(ErrorCode.TOO_LARGE, f"{len(specs)} jobs in one submit; the limit is {cfg.max_batch}")
+    known = broker.dispatcher.known_tasks
+    for i, s in enumerate(specs):
+        where = f"job {i}" if len(specs) > 1 else "job"
+        if not NAME_RE.match(s.task):
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: task must be 1-200 letters, digits or _.:-")
+        if not NAME_RE.match(s.queue):
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: queue must be 1-200 letters, digits or _.:-")
+        if not MIN_PRIORITY <= s.priority <= MAX_PRIORITY:
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: priority must be {MIN_PRIORITY}-{MAX_PRIORITY}, not {s.priority}")
+        for name in ("delay", "run_at", "timeout"):
+            v = getattr(s, name)
+            if v is not None and (not math.isfinite(v) or v < 0 or (name == "timeout" and v == 0)):
+                raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: {name} must be a positive finite number")
+        if s.max_attempts is not None and not 1 <= s.max_attempts <= 1000:
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: max_attempts must be 1-1000")
+        if s.idempotency_key is not None and not 0 < len(s.idempotency_key) <= 200:
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: idempotency_key must be 1-200 characters")
+        if not cfg.allow_unknown_tasks and s.task not in known:
+            raise RequestError(
+                ErrorCode.UNKNOWN_TASK,
+                f"{where}: no worker has ever registered task {s.task!r} (known: {', '.join(sorted(known)) or 'none'})",
+            )
+
+
+def payload_size(payload: Any) -> int:
+    try:
+        return len(orjson.dumps(payload))
+    except TypeError as exc:  # pragma: no cover - JSON from the wire always re-encodes
+        raise RequestError(ErrorCode.INVALID_FIELD, f"payload is not JSON: {exc}") from None
+
+
+def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None) -> list[Job]:
+    now = broker.now()
+    cfg = broker.config
+    first = broker.dispatcher.reserve_seqs(len(specs))
+    jobs = []
+    for i, s in enumerate(specs):
+        if payload_size(s.payload) > cfg.max_payload:
+            raise RequestError(ErrorCode.TOO_LARGE, f"job {i}: payload over {cfg.max_payload} bytes")
+        defaults = broker.task_defaults.get(s.task, {})
+        run_at = s.run_at if s.run_at is not None else (now + s.delay if s.delay else None)
+        jobs.append(
+            Job(
+                id=new_job_id(),
+                seq=first + i,
+                task=s.task,
+                payload=s.payload,
+                priority=s.priority,
+                queue=s.queue,
+                max_attempts=s.max_attempts or defaults.get("max_attempts") or broker.default_max_attempts,
+                timeout=s.timeout if s.timeout is not None else defaults.get("timeout"),
+                run_at=run_at,
+                created_at=now,
+                idempotency_key=s.idempotency_key,
+                owner=owner,
+            )
+        )
+    return jobs
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+class WorkerSession(Session):
+    async def run(self, task_status: trio.TaskStatus[WorkerSlot] = trio.TASK_STATUS_IGNORED) -> None:
+        broker = self.broker
+        cfg = broker.config
+        hello = self.hello
+        if not 1 <= hello.concurrency <= cfg.max_concurrency:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"concurrency must be 1-{cfg.max_concurrency}")
+        for name in (*hello.tasks, *hello.queues):
+            if not NAME_RE.match(name):
+                raise ProtocolError(ErrorCode.INVALID_FIELD, f"bad task or queue name {name!r}")
+        now = broker.now()
+        self.slot = slot = WorkerSlot(
+            id=self.id,
+            name=hello.name or f"worker-{self.id}",
+            tasks=frozenset(hello.tasks),
+            queues=tuple(dict.fromkeys(hello.queues)) or ("default",),
+            concurrency=hello.concurrency,
+            deliver=self._deliver,
+            abort=self._abort,
+            address=self.peer,
+            connected_at=now,
+            last_heartbeat=now,
+        )
+        self._leases: dict[str, trio.CancelScope] = {}
+        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        dispatcher = broker.dispatcher
+        reason = "connection closed"
+        fatal: ProtocolError | None = None
+        try:
+            # The session's scope: every lease lives in this nursery and ends with it.
+            async with trio.open_nursery() as leases:
+                self._nursery = leases
+                dispatcher.post(CALL, broker.worker_joined, slot, self)
+                task_status.started(slot)
+                try:
+                    reason = await self._receive_loop()
+                except ConnectionLost as exc:
+                    reason = str(exc)
+                except ProtocolError as exc:
+                    reason = f"protocol error: {exc}"
+                    fatal = exc
+                finally:
+                    leases.cancel_scope.cancel()
+        finally:
+            slot.alive = False
+            dispatcher.post(LEAVE, slot, reason)
+            broker.worker_left(slot, reason)
+        if fatal is not None:
+            raise fatal
+
+    async def _receive_loop(self) -> str:
+        conn = self.conn
+        timeout = self.broker.config.heartbeat_timeout
+        slot = self.slot
+        clock = self.broker.now
+        while True:
+            with trio.move_on_after(timeout):
+                msg = await conn.receive()
+                slot.last_heartbeat = clock()
+                while msg is not None:
+                    self._handle(msg)
+                    msg = conn.receive_nowait()
+                continue
+            return f"no frame for {timeout:g}s (heartbeat timeout)"
+
+    def _handle(self, msg: Message) -> None:
+        t = type(msg)
+        if t is Result:
+            self._results(msg)  # type: ignore[arg-type]
+        elif t is Heartbeat:
+            pass
+        elif t is ProgressReport:
+            self._progress(msg)  # type: ignore[arg-type]
+        elif t is Release:
+            items = list(zip(msg.ids, msg.attempts, strict=False))  # type: ignore[attr-defined]
+            for job_id, _ in items:
+                self._end_lease(job_id)
+            self.broker.dispatcher.post(RELEASE, self.slot, items)
+        elif t is Drain:
+            log.info("worker %s is draining (takes no new jobs)", self.slot.name)
+            self.broker.dispatcher.post(CALL, self.broker.dispatcher.drain_nowait, self.slot)
+            self.broker.publish_worker(self.slot, "updated")
+        else:
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"a worker session cannot send {msg.TYPE!r}")
+
+    def _results(self, msg: Result) -> None:
+        dispatcher = self.broker.dispatcher
+        slot = self.slot
+        good = []
+        refused = []
+        recent = self._recent
+        for oc in msg.outcomes:
+            key = (oc.id, oc.attempt)
+            if dispatcher.is_current(slot, oc.id, oc.attempt) and key not in recent:
+                good.append(oc)
+                self._end_lease(oc.id)
+                recent[key] = None
+                if len(recent) > 10_000:
+                    recent.popitem(last=False)
+            elif key in recent:
+                continue  # a duplicate RESULT: already recorded, ignored
+            else:
+                refused.append(oc.id)
+        if good:
+            dispatcher.post(OUTCOME, slot, good)
+        if refused:
+            self.refuse(
+                ErrorCode.STALE,
+                f"result refused for {len(refused)} job(s) this worker does not hold at that attempt: "
+                + ", ".join(refused[:5]),
+            )
+
+    def _progress(self, msg: ProgressReport) -> None:
+        if not self.broker.dispatcher.is_current(self.slot, msg.id, msg.attempt):
+            self.refuse(ErrorCode.STALE, f"progress for {msg.id} attempt {msg.attempt} is not current")
+            return
+        job = self.slot.held[msg.id]
+        job.progress = msg.progress
+        self.broker.journal([job])
+
+    # Called by the dispatcher task (sync): sends and leases.
+    def _deliver(self, jobs: list[Job]) -> None:
+        now = trio.current_time()
+        grace = self.broker.config.lease_grace
+        deliveries = []
+        for job in jobs:
+            deliveries.append(Delivery(job.id, job.attempts, job.task, job.payload, job.queue, job.priority, job.timeout))
+            if job.timeout is not None:
+                self._nursery.start_soon(self._lease, job.id, job.attempts, now + job.timeout + grace)
+        try:
+            self.conn.send_nowait(Dispatch(deliveries))
+        except ConnectionLost:
+            pass  # the session is ending; LEAVE will requeue these
+
+    def _abort(self, job: Job, reason: str) -> None:
+        self._end_lease(job.id)
+        try:
+            self.conn.send_nowait(Abort(job.id, job.attempts, reason))
+        except ConnectionLost:
+            pass
+
+    def _end_lease(self, job_id: str) -> None:
+        scope = self._leases.pop(job_id, None)
+        if scope is not None:
+            scope.cancel()
+
+    async def _lease(self, job_id: str, attempt: int, deadline: float) -> None:
+        """The job's own cancel scope: if its deadline passes first, the lease expires."""
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._leases[job_id] = scope
+            await trio.sleep_forever()
+        if self._leases.get(job_id) is scope:
+            del self._leases[job_id]
+            held = self.slot.held.get(job_id)
+            if held is not None and held.attempts == attempt:
+                log.warning("job %s attempt %d: lease expired on worker %s", job_id, attempt, self.slot.name)
+                self.broker.dispatcher.post(EXPIRE, self.slot, job_id)
+
+    def send_drain(self, stop: bool) -> None:
+        try:
+            self.conn.send_nowait(Drain(stop=stop))
+        except ConnectionLost:
+            pass
+

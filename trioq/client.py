@@ -1,0 +1,237 @@
+"""The producer's side: one TLS session, many requests in flight on it.
+
+    async with trioq.Client(ca="certs/ca.pem") as client:
+        job_id = await client.submit("reverse_string", {"data": "hello"}, priority=1)
+        job = await client.result(job_id, timeout=10)
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import ConnectionLost, JobNotFound, ProtocolError, RemoteError, TrioqError
+from .job import DEFAULT_PRIORITY, DEFAULT_QUEUE, Job, JobSpec
+from .protocol.connect import StreamFactory, open_session, tcp_tls_factory
+from .protocol.framing import FramedConnection
+from .protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    CancelJob,
+    DiscardJob,
+    Error,
+    GetJob,
+    Hello,
+    JobReply,
+    JobsReply,
+    ListJobs,
+    Message,
+    RetryJob,
+    StatusReply,
+    StatusRequest,
+    Submit,
+    WaitJob,
+    Welcome,
+)
+from .tls import client_context
+
+
+class Client:
+    """An async context manager; every method may be called from many tasks at once."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 65432,
+        *,
+        ca: str | Path | None = "certs/ca.pem",
+        ssl_context: ssl.SSLContext | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_hostname: str | None = None,
+        token: str | None = None,
+        role: str = "producer",
+        name: str = "client",
+        connect: StreamFactory | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if connect is None:
+            if ssl_context is None:
+                if ca is not None and not Path(ca).exists():
+                    raise TrioqError(f"CA certificate {ca} not found: run 'trioq certs' or pass ca=")
+                ssl_context = client_context(ca, cert=cert, key=key)
+            connect = tcp_tls_factory(host, port, ssl_context, server_hostname)
+        self._connect = connect
+        self._hello = Hello(version=PROTOCOL_VERSION, role=role, name=name, token=token)
+        self._timeout = timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._conn: FramedConnection | None = None
+        self._closed: BaseException | None = None
+        self._cm: Any = None
+        self.welcome: Welcome | None = None
+
+    async def __aenter__(self) -> Client:
+        self._cm = self._run()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._cm.__aexit__(*exc_info)
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[Client]:
+        conn, self.welcome = await open_session(self._connect, self._hello, timeout=self._timeout)
+        self._conn = conn
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, conn)
+                nursery.start_soon(self._reader, conn)
+                try:
+                    yield self
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # One error from the caller's block, re-raised as itself: no groups for users.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            self._fail_pending(ConnectionLost("client closed"))
+            await conn.aclose()
+
+    async def _writer(self, conn: FramedConnection) -> None:
+        try:
+            await conn.run_writer()
+        except ConnectionLost as exc:
+            self._fail_pending(exc)
+
+    async def _reader(self, conn: FramedConnection) -> None:
+        try:
+            while True:
+                msg = await conn.receive()
+                while msg is not None:
+                    req = getattr(msg, "req", None)
+                    chan = self._pending.pop(req, None) if req is not None else None
+                    if chan is not None:
+                        chan.send_nowait(msg)
+                    elif isinstance(msg, Error) and msg.fatal:
+                        raise ConnectionLost(f"broker closed the session: {msg.code}: {msg.message}")
+                    msg = conn.receive_nowait()
+        except (ConnectionLost, ProtocolError) as exc:
+            self._fail_pending(exc if isinstance(exc, ConnectionLost) else ConnectionLost(str(exc)))
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        self._closed = self._closed or exc
+        pending, self._pending = self._pending, {}
+        for chan in pending.values():
+            chan.close()
+
+    async def _request(self, msg: Message) -> Message:
+        if self._conn is None:
+            raise TrioqError("use 'async with Client(...)' before sending requests")
+        if self._closed is not None:
+            raise ConnectionLost(f"connection to the broker is closed: {self._closed}")
+        send, recv = trio.open_memory_channel[Message](1)
+        req: int = msg.req  # type: ignore[attr-defined]
+        self._pending[req] = send
+        try:
+            self._conn.send_nowait(msg)
+            try:
+                reply = await recv.receive()
+            except trio.EndOfChannel:
+                raise ConnectionLost(f"connection to the broker ended: {self._closed}") from None
+        finally:
+            self._pending.pop(req, None)
+        if isinstance(reply, Error):
+            if reply.code == "unknown_job":
+                raise JobNotFound(getattr(msg, "id", "?"))
+            raise RemoteError(reply.code, reply.message)
+        return reply
+
+    # --- the API -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        queue: str = DEFAULT_QUEUE,
+        delay: float | None = None,
+        run_at: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Submit one job; returns its id once the broker has committed it."""
+        spec = JobSpec(
+            task=task,
+            payload={} if payload is None else payload,
+            priority=priority,
+            queue=queue,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            idempotency_key=idempotency_key,
+        )
+        return (await self.submit_many([spec]))[0]
+
+    async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Submit a batch in as few frames as the broker's batch limit allows."""
+        limit = self.welcome.max_batch if self.welcome else 1000
+        ids: list[str] = []
+        for i in range(0, len(specs), limit):
+            reply = await self._request(Submit(next(self._ids), list(specs[i : i + limit])))
+            assert isinstance(reply, Ack)
+            ids.extend(reply.ids)
+        return ids
+
+    async def result(self, job_id: str, timeout: float | None = None) -> Job:
+        """Wait until the job is final and return it; TimeoutError after ``timeout``."""
+        if timeout is None:
+            reply = await self._request(WaitJob(next(self._ids), job_id))
+        else:
+            with trio.fail_after(timeout):
+                reply = await self._request(WaitJob(next(self._ids), job_id))
+        assert isinstance(reply, JobReply)
+        return reply.job
+
+    async def get_job(self, job_id: str) -> Job:
+        reply = await self._request(GetJob(next(self._ids), job_id))
+        assert isinstance(reply, JobReply)
+        return reply.job
+
+    async def list_jobs(
+        self, *, state: str | None = None, queue: str | None = None, task: str | None = None,
+        limit: int = 50, cursor: int | None = None,
+    ) -> tuple[list[Job], int | None]:
+        reply = await self._request(ListJobs(next(self._ids), state, queue, task, limit, cursor))
+        assert isinstance(reply, JobsReply)
+        return reply.jobs, reply.next_cursor
+
+    async def cancel(self, job_id: str) -> Job:
+        reply = await self._request(CancelJob(next(self._ids), job_id))
+        assert isinstance(reply, JobReply)
+        return reply.job
+
+    async def retry(self, job_id: str) -> Job:
+        reply = await self._request(RetryJob(next(self._ids), job_id))
+        assert isinstance(reply, JobReply)
+        return reply.job
+
+    async def discard(self, job_id: str) -> Job:
+        reply = await self._request(DiscardJob(next(self._ids), job_id))
+        assert isinstance(reply, JobReply)
+        return reply.job
+
+    async def status(self) -> dict[str, Any]:
+        reply = await self._request(StatusRequest(next(self._ids)))
+        assert isinstance(reply, StatusReply)
+        return reply.stats

@@ -1,0 +1,106 @@
+"""The job model shared by every layer: what a job is, its states and its limits."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from typing import Any
+
+import attrs
+
+#: 1 is the most urgent priority, as in the system trioq replaces.
+MIN_PRIORITY = 1
+MAX_PRIORITY = 10
+DEFAULT_PRIORITY = 5
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_WORKER_LOSSES = 5
+
+#: The demo tasks every worker has, kept from the system trioq replaces (plus noop).
+BUILTIN_TASKS = ("reverse_string", "to_uppercase", "fibonacci", "is_prime", "slow_task", "noop")
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"  # waiting for run_at (a delay, or a retry's backoff)
+    RUNNING = "running"
+    COMPLETED = "completed"
+    DEAD = "dead"  # failed for good: out of attempts, not retryable, or worker_lost
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.DEAD, JobState.CANCELLED})
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(8)
+
+
+@attrs.define(slots=True)
+class ErrorInfo:
+    type: str
+    message: str
+    traceback: str = ""
+    retryable: bool = True
+
+
+@attrs.define(slots=True)
+class Progress:
+    value: float
+    message: str = ""
+
+
+@attrs.define(slots=True)
+class JobSpec:
+    """What a producer asks for; the broker turns it into a Job."""
+
+    task: str
+    payload: Any = attrs.field(factory=dict)
+    priority: int = DEFAULT_PRIORITY
+    queue: str = DEFAULT_QUEUE
+    delay: float | None = None
+    run_at: float | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    idempotency_key: str | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class Job:
+    """One unit of work and everything the queue knows about it.
+
+    ``seq`` is assigned once, at acceptance, and never changes: (priority, seq)
+    is the job's place in line, also after a requeue.
+    """
+
+    id: str
+    seq: int
+    task: str
+    payload: Any
+    priority: int = DEFAULT_PRIORITY
+    queue: str = DEFAULT_QUEUE
+    state: JobState = JobState.QUEUED
+    attempts: int = 0  # deliveries so far; the current delivery's number
+    failures: int = 0  # executions that ended in a task error
+    worker_losses: int = 0  # executions whose worker was lost under it
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float | None = None
+    run_at: float | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str | None = None
+    result: Any = None
+    error: ErrorInfo | None = None
+    progress: Progress | None = None
+    idempotency_key: str | None = None
+    dead_reason: str | None = None
+    owner: str | None = None  # the credential name that submitted it, when tokens are on
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.priority, self.seq)

@@ -1,0 +1,87 @@
+"""The small interface every store implements.
+
+The broker keeps unfinished jobs in memory (the dispatcher's heaps) and uses
+the store as a journal: every change to a job is written as the job's whole
+row, so a batch can coalesce many changes to one job into one write. Reads
+serve finished jobs, listings and recovery. A PostgreSQL store shared by
+several brokers would implement the same methods (with a claim step at load).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import attrs
+
+from ..job import Job, JobState
+
+
+@attrs.frozen
+class Recovered:
+    """What a store hands the broker at start."""
+
+    jobs: list[Job]  # unfinished jobs, in seq order
+    next_seq: int
+    tasks: list[str]  # task names ever announced by a worker
+    paused_queues: list[str]
+
+
+@attrs.frozen
+class JobPage:
+    jobs: list[Job]
+    next_cursor: int | None
+
+
+class Store(abc.ABC):
+    """Durable (or not) home of job rows. Sync methods run off the event loop."""
+
+    #: True when write_sync is cheap enough to call on the event loop.
+    inline: bool = False
+    durable: bool = False
+    description: str = ""
+
+    @abc.abstractmethod
+    def open_sync(self) -> Recovered:
+        """Create or migrate the schema; return what must be in memory."""
+
+    @abc.abstractmethod
+    def close_sync(self) -> None: ...
+
+    @abc.abstractmethod
+    def write_sync(self, rows: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
+        """Upsert rows (from ``row``) in one transaction; raise on any failure."""
+
+    @abc.abstractmethod
+    def row(self, job: Job) -> tuple:
+        """A snapshot of the job, taken on the event loop, written later."""
+
+    @abc.abstractmethod
+    def get_sync(self, job_id: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    def list_sync(
+        self,
+        *,
+        state: JobState | None = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        before_seq: int | None = None,
+    ) -> JobPage:
+        """Newest first (highest seq first), from ``before_seq`` exclusive."""
+
+    @abc.abstractmethod
+    def counts_sync(self) -> dict[str, dict[str, int]]:
+        """{task: {state: n}} over every stored job."""
+
+    @abc.abstractmethod
+    def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
+        """Delete terminal jobs finished before the time; returns how many."""
+
+    @abc.abstractmethod
+    def delete_sync(self, job_id: str) -> bool:
+        """Remove one job for good (a discarded dead job)."""
+
+    @abc.abstractmethod
+    def set_paused_sync(self, queue: str, paused: bool) -> None: ...

@@ -1,0 +1,265 @@
+"""The embedded durable store: one SQLite file in WAL mode.
+
+Writes come only from the broker's writer task, one transaction per batch
+(group commit); reads use a second connection, which WAL lets run beside a
+write. ``synchronous=FULL`` by default: a commit is on disk when it returns.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..job import ErrorInfo, Job, JobState, Progress
+from .base import JobPage, Recovered, Store
+
+SCHEMA_VERSION = 1
+
+_COLUMNS = (
+    "seq", "id", "task", "queue", "priority", "state", "payload", "attempts", "failures",
+    "worker_losses", "max_attempts", "timeout", "run_at", "created_at", "started_at",
+    "finished_at", "worker", "result", "error", "progress", "idempotency_key", "dead_reason", "owner",
+)
+_IMMUTABLE = {"seq", "id", "task", "queue", "priority", "payload", "created_at", "idempotency_key", "owner"}
+
+#: version -> statements that bring a database from version-1 to version.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            task TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            payload BLOB,
+            attempts INTEGER NOT NULL,
+            failures INTEGER NOT NULL,
+            worker_losses INTEGER NOT NULL,
+            max_attempts INTEGER NOT NULL,
+            timeout REAL,
+            run_at REAL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            worker TEXT,
+            result BLOB,
+            error BLOB,
+            progress BLOB,
+            idempotency_key TEXT,
+            dead_reason TEXT,
+            owner TEXT
+        )""",
+        "CREATE INDEX jobs_state_seq ON jobs(state, seq)",
+        "CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL",
+        "CREATE TABLE tasks (name TEXT PRIMARY KEY)",
+        "CREATE TABLE paused_queues (name TEXT PRIMARY KEY)",
+    ],
+}
+
+UNFINISHED = (JobState.QUEUED.value, JobState.SCHEDULED.value, JobState.RUNNING.value)
+TERMINAL = (JobState.COMPLETED.value, JobState.DEAD.value, JobState.CANCELLED.value)
+SYNC_MODES = ("full", "normal", "off")
+
+_dumps = orjson.dumps
+_loads = orjson.loads
+
+
+class SQLiteStore(Store):
+    inline = False
+    durable = True
+
+    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
+        if synchronous not in SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {SYNC_MODES}, not {synchronous!r}")
+        self.path = str(path)
+        self.synchronous = synchronous
+        self.durable = synchronous == "full"
+        self.description = f"sqlite {self.path} (WAL, synchronous={synchronous.upper()})"
+        self._w: sqlite3.Connection | None = None
+        self._r: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        self._wlock = threading.Lock()  # the write connection is used from worker threads
+        cols = ", ".join(_COLUMNS)
+        marks = ", ".join("?" * len(_COLUMNS))
+        updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in _IMMUTABLE)
+        self._upsert = (
+            f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT(seq) DO UPDATE SET {updates}"
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def open_sync(self) -> Recovered:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        w = self._w = self._connect()
+        w.execute("PRAGMA wal_autocheckpoint=4000")
+        self._migrate(w)
+        self._r = self._connect() if self.path != ":memory:" else w
+        jobs = [
+            self._job(r)
+            for r in w.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq",
+                UNFINISHED,
+            )
+        ]
+        (max_seq,) = w.execute("SELECT max(seq) FROM jobs").fetchone()
+        tasks = [r[0] for r in w.execute("SELECT name FROM tasks ORDER BY name")]
+        paused = [r[0] for r in w.execute("SELECT name FROM paused_queues ORDER BY name")]
+        return Recovered(jobs, (max_seq or 0) + 1, tasks, paused)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {current}; this trioq knows up to {SCHEMA_VERSION}"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[version]:
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (str(version),),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def close_sync(self) -> None:
+        for conn in {id(c): c for c in (self._r, self._w) if c is not None}.values():
+            conn.close()
+        self._w = self._r = None
+
+    # --- writes ---------------------------------------------------------------------
+
+    def row(self, job: Job) -> tuple:
+        err = job.error
+        prog = job.progress
+        return (
+            job.seq, job.id, job.task, job.queue, job.priority, job.state.value,
+            _dumps(job.payload), job.attempts, job.failures, job.worker_losses,
+            job.max_attempts, job.timeout, job.run_at, job.created_at, job.started_at,
+            job.finished_at, job.worker,
+            None if job.result is None else _dumps(job.result),
+            None if err is None else _dumps((err.type, err.message, err.traceback, err.retryable)),
+            None if prog is None else _dumps((prog.value, prog.message)),
+            job.idempotency_key, job.dead_reason, job.owner,
+        )
+
+    def write_sync(self, rows: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
+        w = self._w
+        assert w is not None, "store is not open"
+        with self._wlock:
+            w.execute("BEGIN")
+            try:
+                w.executemany(self._upsert, rows)
+                if tasks:
+                    w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
+                w.execute("COMMIT")
+            except BaseException:
+                if w.in_transaction:
+                    w.execute("ROLLBACK")
+                raise
+
+    def set_paused_sync(self, queue: str, paused: bool) -> None:
+        w = self._w
+        assert w is not None
+        with self._wlock:
+            if paused:
+                w.execute("INSERT OR IGNORE INTO paused_queues(name) VALUES (?)", (queue,))
+            else:
+                w.execute("DELETE FROM paused_queues WHERE name=?", (queue,))
+
+    def delete_sync(self, job_id: str) -> bool:
+        w = self._w
+        assert w is not None
+        with self._wlock:
+            return w.execute("DELETE FROM jobs WHERE id=?", (job_id,)).rowcount > 0
+
+    def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
+        w = self._w
+        assert w is not None
+        with self._wlock:
+            cur = w.execute(
+                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at < ? "
+                "AND state IN (?, ?, ?) LIMIT ?)",
+                (finished_before, *TERMINAL, limit),
+            )
+            return cur.rowcount
+
+    # --- reads ----------------------------------------------------------------------
+
+    @staticmethod
+    def _job(r: Sequence[Any]) -> Job:
+        err = _loads(r[18]) if r[18] is not None else None
+        prog = _loads(r[19]) if r[19] is not None else None
+        return Job(
+            seq=r[0], id=r[1], task=r[2], queue=r[3], priority=r[4], state=JobState(r[5]),
+            payload=_loads(r[6]) if r[6] is not None else None,
+            attempts=r[7], failures=r[8], worker_losses=r[9], max_attempts=r[10],
+            timeout=r[11], run_at=r[12], created_at=r[13], started_at=r[14],
+            finished_at=r[15], worker=r[16],
+            result=_loads(r[17]) if r[17] is not None else None,
+            error=ErrorInfo(*err) if err is not None else None,
+            progress=Progress(*prog) if prog is not None else None,
+            idempotency_key=r[20], dead_reason=r[21], owner=r[22],
+        )
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[tuple]:
+        r = self._r
+        assert r is not None, "store is not open"
+        with self._read_lock:
+            return r.execute(sql, params).fetchall()
+
+    def get_sync(self, job_id: str) -> Job | None:
+        rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id=?", (job_id,))
+        return self._job(rows[0]) if rows else None
+
+    def list_sync(self, *, state=None, queue=None, task=None, limit=50, before_seq=None) -> JobPage:
+        where, params = [], []
+        if state is not None:
+            where.append("state=?")
+            params.append(JobState(state).value)
+        if queue is not None:
+            where.append("queue=?")
+            params.append(queue)
+        if task is not None:
+            where.append("task=?")
+            params.append(task)
+        if before_seq is not None:
+            where.append("seq<?")
+            params.append(before_seq)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
+            (*params, limit + 1),
+        )
+        jobs = [self._job(r) for r in rows[:limit]]
+        return JobPage(jobs, jobs[-1].seq if len(rows) > limit else None)
+
+    def counts_sync(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for task, state, n in self._read(
+            "SELECT task, state, count(*) FROM jobs GROUP BY task, state", ()
+        ):
+            out.setdefault(task, {})[state] = n
+        return out

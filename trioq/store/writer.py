@@ -1,0 +1,145 @@
+"""The one writer task: drains a channel of job changes and commits them in batches.
+
+Group commit is what makes durability cheap: while one transaction is being
+synced off the event loop, new changes pile up in the channel and go into the
+next one. Several changes to the same job in one batch become one row write.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from ..errors import StoreError
+from ..job import Job
+from .base import Store
+
+log = logging.getLogger("trioq.store")
+
+MAX_BATCH_ROWS = 20_000
+
+
+@attrs.define(slots=True, eq=False)
+class _Request:
+    jobs: list[Job]
+    new: bool
+    done: trio.Event | None
+    error: BaseException | None = None
+    tasks: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class WriterStatistics:
+    commits: int
+    rows: int
+    requests: int
+    failures: int
+    pending: int
+    last_error: str | None
+    healthy: bool
+
+
+class StoreWriter:
+    """Owns every write to a store. Start it with ``await nursery.start(writer.run)``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._send, self._recv = trio.open_memory_channel[_Request](math.inf)
+        self._dirty: dict[str, Job] = {}  # updates whose commit failed; retried next batch
+        self.commits = 0
+        self.rows = 0
+        self.requests = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.healthy = True
+        self.on_commit: list = []  # callbacks(jobs) after each successful commit
+
+    async def write(self, jobs: list[Job], *, new: bool = False, tasks: Iterable[str] = ()) -> None:
+        """Write and wait for the commit; StoreError if it failed (nothing of ``new`` is kept)."""
+        req = _Request(jobs, new, trio.Event(), tasks=tuple(tasks))
+        self._send.send_nowait(req)
+        assert req.done is not None
+        await req.done.wait()
+        if req.error is not None:
+            raise StoreError(f"store write failed: {req.error}") from req.error
+
+    def write_nowait(self, jobs: list[Job], tasks: Iterable[str] = ()) -> None:
+        """Journal changes without waiting; a failed commit is retried with the next batch."""
+        self._send.send_nowait(_Request(jobs, False, None, tasks=tuple(tasks)))
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            commits=self.commits,
+            rows=self.rows,
+            requests=self.requests,
+            failures=self.failures,
+            pending=self._recv.statistics().current_buffer_used + len(self._dirty),
+            last_error=self.last_error,
+            healthy=self.healthy,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[StoreWriter] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
+        recv = self._recv
+        store = self.store
+        while True:
+            first = await recv.receive()
+            batch = [first]
+            n = len(first.jobs)
+            while n < MAX_BATCH_ROWS:
+                try:
+                    req = recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(req)
+                n += len(req.jobs)
+            await self._commit(store, batch)
+
+    async def _commit(self, store: Store, batch: list[_Request]) -> None:
+        pending: dict[str, Job] = self._dirty
+        self._dirty = {}
+        tasks: set[str] = set()
+        for req in batch:
+            for job in req.jobs:
+                pending[job.id] = job
+            tasks.update(req.tasks)
+        # The snapshot is taken here, on the event loop: rows are consistent.
+        row = store.row
+        rows = [row(job) for job in pending.values()]
+        try:
+            if store.inline:
+                store.write_sync(rows, sorted(tasks))
+            else:
+                await trio.to_thread.run_sync(store.write_sync, rows, sorted(tasks))
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.healthy:
+                log.error("store write failed, not acknowledging until it recovers: %s", self.last_error)
+            self.healthy = False
+            new_ids = {job.id for req in batch if req.new for job in req.jobs}
+            for job_id, job in pending.items():
+                if job_id not in new_ids:
+                    self._dirty[job_id] = job
+            for req in batch:
+                req.error = exc
+                if req.done is not None:
+                    req.done.set()
+            # Do not spin on a broken disk: back off a little before the next try.
+            await trio.sleep(0.05)
+            return
+        if not self.healthy:
+            log.warning("store writes succeed again")
+        self.healthy = True
+        self.commits += 1
+        self.rows += len(rows)
+        self.requests += len(batch)
+        for cb in self.on_commit:
+            cb(pending.values())
+        for req in batch:
+            if req.done is not None:
+                req.done.set()

@@ -1,0 +1,406 @@
+"""The worker: one session to the broker, jobs pushed to it, each in its own cancel scope.
+
+Async tasks run in a nursery on the event loop; sync tasks run in threads
+(bounded by the concurrency). Outcomes finished in the same moment go back in
+one RESULT frame. On a stop request the worker takes nothing new, lets running
+jobs finish for ``grace`` seconds, hands the rest back, and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import ssl
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from ..errors import ConnectError, ConnectionLost, ProtocolError, RemoteError
+from ..job import DEFAULT_QUEUE, ErrorInfo, Progress
+from ..protocol.connect import StreamFactory, open_session, tcp_tls_factory
+from ..protocol.framing import FramedConnection
+from ..protocol.messages import (
+    Abort,
+    Delivery,
+    Dispatch,
+    Drain,
+    Error,
+    Heartbeat,
+    Hello,
+    Outcome,
+    ProgressReport,
+    PROTOCOL_VERSION,
+    Release,
+    Result,
+    TaskDefaults,
+    Welcome,
+)
+from .builtin import register_builtins
+from .registry import Fatal, Registry, default_registry
+
+log = logging.getLogger("trioq.worker")
+
+
+@attrs.define(eq=False)
+class JobContext:
+    """Handed to a task that takes a ``ctx`` parameter."""
+
+    id: str
+    attempt: int
+    task: str
+    queue: str
+    priority: int
+    _report: Callable[[Progress], None]
+    _loop_thread: int
+
+    def progress(self, value: float, message: str = "") -> None:
+        """Report progress (0..1 and a short message); safe from threads too."""
+        p = Progress(float(value), str(message)[:200])
+        if threading.get_ident() == self._loop_thread:
+            self._report(p)
+        else:
+            trio.from_thread.run_sync(self._report, p)
+
+
+@attrs.frozen
+class WorkerStatistics:
+    connected: bool
+    running: int
+    completed: int
+    failed: int
+    released: int
+    reconnects: int
+
+
+class Worker:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 65432,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        token: str | None = None,
+        name: str | None = None,
+        concurrency: int = 4,
+        queues: tuple[str, ...] | list[str] = (DEFAULT_QUEUE,),
+        registry: Registry | None = None,
+        builtins: bool = True,
+        connect: StreamFactory | None = None,
+        reconnect: bool = True,
+        grace: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.registry = registry if registry is not None else default_registry
+        if builtins:
+            register_builtins(self.registry)
+        if connect is None:
+            if ssl_context is None:
+                raise ValueError("a worker needs an ssl_context (TLS is mandatory) or a connect factory")
+            connect = tcp_tls_factory(host, port, ssl_context, server_hostname)
+        self._connect = connect
+        self.token = token
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.concurrency = concurrency
+        self.queues = tuple(queues)
+        self.reconnect = reconnect
+        self.grace = grace
+        self.connect_timeout = connect_timeout
+        self._stopping = trio.Event()
+        self._stop_requested = False
+        self._running: dict[str, tuple[int, trio.CancelScope]] = {}
+        self._outbox: list[Outcome] = []
+        self._flush = trio.Event()
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._conn: FramedConnection | None = None
+        self.completed = 0
+        self.failed = 0
+        self.released = 0
+        self.reconnects = 0
+        self.session_count = 0
+
+    def statistics(self) -> WorkerStatistics:
+        return WorkerStatistics(
+            connected=self._conn is not None,
+            running=len(self._running),
+            completed=self.completed,
+            failed=self.failed,
+            released=self.released,
+            reconnects=self.reconnects,
+        )
+
+    def request_stop(self) -> None:
+        """Stop taking jobs; finish (for ``grace`` seconds) or hand back what is held; exit."""
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        log.info("worker %s stopping: taking no new jobs, %d running", self.name, len(self._running))
+        if self._conn is not None:
+            try:
+                self._conn.send_nowait(Drain())
+            except ConnectionLost:
+                pass
+        self._stopping.set()
+
+    # --- the connection loop -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Welcome] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stopped; reconnects with backoff when the broker goes away."""
+        delay = 0.1
+        started = False
+        while not self._stop_requested:
+            try:
+                conn, welcome = await open_session(self._connect, self._hello(), timeout=self.connect_timeout)
+            except (ConnectError, RemoteError) as exc:
+                if not self.reconnect or (isinstance(exc, RemoteError) and exc.code in ("unauthenticated", "forbidden")):
+                    raise
+                log.warning("worker %s cannot connect (%s); retrying in %.1fs", self.name, exc, delay)
+                with trio.move_on_after(delay):
+                    await self._stopping.wait()
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            self.session_count += 1
+            if self.session_count > 1:
+                self.reconnects += 1
+            log.info("worker %s connected (session %s), concurrency %d", self.name, welcome.session, self.concurrency)
+            if not started:
+                task_status.started(welcome)
+                started = True
+            try:
+                await self._session(conn, welcome)
+            finally:
+                self._conn = None
+                await conn.aclose()
+            if not self.reconnect:
+                return
+            if not self._stop_requested:
+                log.warning("worker %s lost its broker connection; reconnecting", self.name)
+
+    def _hello(self) -> Hello:
+        defaults = {}
+        for name in self.registry.list_tasks():
+            info = self.registry.get(name)
+            if info is not None and (info.max_attempts is not None or info.timeout is not None):
+                defaults[name] = TaskDefaults(info.max_attempts, info.timeout)
+        return Hello(
+            version=PROTOCOL_VERSION,
+            role="worker",
+            name=self.name,
+            token=self.token,
+            concurrency=self.concurrency,
+            tasks=self.registry.list_tasks(),
+            queues=list(self.queues),
+            defaults=defaults,
+        )
+
+    async def _session(self, conn: FramedConnection, welcome: Welcome) -> None:
+        self._conn = conn
+        self._outbox = []
+        lost: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write, conn, nursery.cancel_scope)
+            nursery.start_soon(self._heartbeat, conn, welcome.heartbeat_interval)
+            nursery.start_soon(self._flusher, conn)
+            if self._stop_requested:
+                conn.send_nowait(Drain())
+            async with trio.open_nursery() as jobs:
+                nursery.start_soon(self._stop_watch, jobs, conn)
+                try:
+                    await self._receive(conn, jobs)
+                except (ConnectionLost, ProtocolError) as exc:
+                    lost = exc
+                finally:
+                    # Anything still running can no longer report: its attempt is over.
+                    jobs.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+        if lost is not None and not self._stop_requested:
+            log.warning("worker %s: connection ended: %s", self.name, lost)
+
+    async def _write(self, conn: FramedConnection, scope: trio.CancelScope) -> None:
+        try:
+            await conn.run_writer()
+        except ConnectionLost:
+            pass
+        scope.cancel()
+
+    async def _heartbeat(self, conn: FramedConnection, interval: float) -> None:
+        try:
+            while True:
+                await trio.sleep(interval)
+                conn.send_nowait(Heartbeat())
+        except ConnectionLost:
+            pass
+
+    async def _flusher(self, conn: FramedConnection) -> None:
+        """Outcomes that finish together leave together, in one RESULT frame."""
+        try:
+            while True:
+                await self._flush.wait()
+                self._flush = trio.Event()
+                await trio.sleep(0)  # let jobs finishing in this same moment join the batch
+                if self._outbox:
+                    batch, self._outbox = self._outbox, []
+                    conn.send_nowait(Result(batch))
+        except ConnectionLost:
+            pass
+
+    async def _stop_watch(self, jobs: trio.Nursery, conn: FramedConnection) -> None:
+        try:
+            await self._stop(jobs, conn)
+        except ConnectionLost:
+            jobs.cancel_scope.cancel()
+
+    async def _stop(self, jobs: trio.Nursery, conn: FramedConnection) -> None:
+        await self._stopping.wait()
+        with trio.move_on_after(self.grace):
+            while self._running:
+                await trio.sleep(0.05)
+        if self._running:
+            held = list(self._running.items())
+            log.warning("worker %s: grace over, handing back %d job(s)", self.name, len(held))
+            for _, (_, scope) in held:
+                scope.cancel()
+            conn.send_nowait(Release([jid for jid, _ in held], [a for _, (a, _) in held]))
+            self.released += len(held)
+            self._running.clear()
+        await self._flush_now(conn)
+        conn.close_after_flush()
+        with trio.move_on_after(5):
+            await conn.wait_flushed()
+        jobs.cancel_scope.cancel()
+
+    async def _flush_now(self, conn: FramedConnection) -> None:
+        await trio.sleep(0)
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            conn.send_nowait(Result(batch))
+
+    async def _receive(self, conn: FramedConnection, jobs: trio.Nursery) -> None:
+        while True:
+            msg = await conn.receive()
+            while msg is not None:
+                t = type(msg)
+                if t is Dispatch:
+                    for d in msg.jobs:  # type: ignore[attr-defined]
+                        if self._stop_requested:
+                            # Arrived after our DRAIN crossed it on the wire: hand it straight back.
+                            conn.send_nowait(Release([d.id], [d.attempt]))
+                            self.released += 1
+                            continue
+                        scope = trio.CancelScope()
+                        self._running[d.id] = (d.attempt, scope)
+                        jobs.start_soon(self._run_job, conn, d, scope)
+                elif t is Abort:
+                    entry = self._running.get(msg.id)  # type: ignore[attr-defined]
+                    if entry is not None and entry[0] == msg.attempt:  # type: ignore[attr-defined]
+                        log.info("job %s attempt %d aborted by the broker: %s", msg.id, msg.attempt, msg.reason)  # type: ignore[attr-defined]
+                        entry[1].cancel()
+                elif t is Drain:
+                    log.info("broker asked worker %s to %s", self.name, "stop" if msg.stop else "quiet")  # type: ignore[attr-defined]
+                    if msg.stop:  # type: ignore[attr-defined]
+                        self.grace = 0
+                        self.request_stop()
+                elif t is Error:
+                    level = logging.ERROR if msg.fatal else logging.INFO  # type: ignore[attr-defined]
+                    log.log(level, "broker says %s: %s", msg.code, msg.message)  # type: ignore[attr-defined]
+                    if msg.fatal:  # type: ignore[attr-defined]
+                        raise ConnectionLost(f"broker closed the session: {msg.code}: {msg.message}")  # type: ignore[attr-defined]
+                msg = conn.receive_nowait()
+
+    # --- one job ---------------------------------------------------------------------------
+
+    async def _run_job(self, conn: FramedConnection, d: Delivery, scope: trio.CancelScope) -> None:
+        outcome: Outcome | None = None
+        info = self.registry.get(d.task)
+        with scope:
+            try:
+                if info is None:
+                    raise Fatal(f"this worker has no task {d.task!r}")
+                args, kwargs = _bind(info, d.payload)
+                if info.wants_ctx:
+                    kwargs["ctx"] = JobContext(
+                        d.id, d.attempt, d.task, d.queue, d.priority,
+                        lambda p, d=d: self._report_progress(conn, d, p), threading.get_ident(),
+                    )
+                timeout = d.timeout if d.timeout is not None else math.inf
+                with trio.fail_after(timeout):
+                    if info.is_async:
+                        value = await info.fn(*args, **kwargs)
+                    else:
+                        value = await trio.to_thread.run_sync(
+                            lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter
+                        )
+                outcome = Outcome(d.id, d.attempt, True, _jsonable(value))
+            except trio.TooSlowError:
+                outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
+                    "TimeoutError", f"task {d.task} ran longer than its timeout of {d.timeout:g}s", "", True))
+            except Fatal as exc:
+                outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=False))
+            except Exception as exc:
+                outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=True))
+        if outcome is None:  # cancelled (aborted by the broker, or the worker is stopping)
+            if self._running.pop(d.id, None) is None:
+                return  # already handed back
+            outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo("Cancelled", "the job was cancelled", "", False))
+        else:
+            self._running.pop(d.id, None)
+        if outcome.ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self._outbox.append(outcome)
+        self._flush.set()
+
+    def _report_progress(self, conn: FramedConnection, d: Delivery, p: Progress) -> None:
+        if d.id in self._running:
+            try:
+                conn.send_nowait(ProgressReport(d.id, d.attempt, p))
+            except ConnectionLost:
+                pass
+
+
+class InvalidPayload(Fatal):
+    pass
+
+
+def _bind(info: Any, payload: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Payload dict -> keyword arguments (the old {"data": ...} style), else one argument."""
+    if isinstance(payload, dict):
+        args: tuple[Any, ...] = ()
+        kwargs = dict(payload)
+    elif payload is None:
+        args, kwargs = (), {}
+    else:
+        args, kwargs = (payload,), {}
+    kwargs.pop("ctx", None)
+    try:
+        info.signature.bind(*args, **kwargs, **({"ctx": None} if info.wants_ctx else {}))
+    except TypeError as exc:
+        raise InvalidPayload(f"payload does not fit task {info.name}{info.signature}: {exc}") from None
+    return args, kwargs
+
+
+def _error(exc: BaseException, *, retryable: bool) -> ErrorInfo:
+    tb = "".join(traceback.format_exception(exc))
+    return ErrorInfo(type(exc).__name__, str(exc)[:2000], tb[-8000:], retryable)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    try:
+        orjson.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
