@@ -514,8 +514,9 @@
     var queues = Array.isArray(w.queues) && w.queues.length ? 'queues: ' + w.queues.join(', ') : '';
     var stopping = w.status === 'stopping';
     tr.replaceChildren(
-      h('td', null, h('div', { text: String(w.name || w.id) }), h('div', { class: 'sub mono', text: shortId(w.id), title: String(w.id) })),
-      h('td', { class: 'mono' }, String(w.address || '—')),
+      h('td', { title: 'id: ' + w.id + (isNum(w.connected_at) ? '\nconnected ' + fmtFull(w.connected_at) : '') },
+        h('div', { class: 'wname', text: String(w.name || w.id) }),
+        h('div', { class: 'sub mono', 'data-field': 'address', text: String(w.address || '—') })),
       h('td', null, h('span', { class: 'pill pill-' + status, 'data-testid': 'worker-status' }, h('i', { class: 'sdot s-' + status }), String(w.status || 'unknown'))),
       jobCell,
       h('td', { class: 'num' }, (jobs.length + '/' + (isNum(w.concurrency) ? w.concurrency : '?'))),

@@ -118,24 +118,35 @@ class Broker:
 
     async def serve(self, *, task_status: trio.TaskStatus[BrokerHandle] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
-        async with trio.open_nursery() as nursery:
-            await self.start_core(nursery)
-            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
-            port = listeners[0].socket.getsockname()[1]
-            await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
-            log.info(
-                "broker listening on %s:%d (TLS %s, auth %s, store %s)",
-                cfg.host, port, "on" if self.ssl_context else "OFF",
-                "OPEN (loopback only)" if self.auth.open else f"{len(self.auth.credentials)} token(s)",
-                self.store.description,
-            )
-            if self.auth.open:
-                log.warning("no tokens configured: any local process may submit and fetch jobs (loopback only)")
-            if cfg.http:
-                from ..http.server import serve_http
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._serve(nursery, task_status)
+        finally:
+            # Changes journaled but not yet committed (dispatches, results) reach the disk.
+            n = self.writer.flush_sync()
+            if n:
+                log.info("flushed %d pending row(s) to the store at shutdown", n)
+            self.store.close_sync()
 
-                self.http_port = await nursery.start(serve_http, self)
-            task_status.started(BrokerHandle(self, cfg.host, port, self.http_port, nursery.cancel_scope))
+    async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[BrokerHandle]) -> None:
+        cfg = self.config
+        await self.start_core(nursery)
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        port = listeners[0].socket.getsockname()[1]
+        await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+        log.info(
+            "broker listening on %s:%d (TLS %s, auth %s, store %s)",
+            cfg.host, port, "on" if self.ssl_context else "OFF",
+            "OPEN (loopback only)" if self.auth.open else f"{len(self.auth.credentials)} token(s)",
+            self.store.description,
+        )
+        if self.auth.open:
+            log.warning("no tokens configured: any local process may submit and fetch jobs (loopback only)")
+        if cfg.http:
+            from ..http.server import serve_http
+
+            self.http_port = await nursery.start(serve_http, self)
+        task_status.started(BrokerHandle(self, cfg.host, port, self.http_port, nursery.cancel_scope))
 
     async def start_core(self, nursery: trio.Nursery) -> None:
         """Recover from the store and start the writer, dispatcher and purge loop."""
@@ -530,7 +541,11 @@ class Broker:
         jobs = {"queued": st.queued, "scheduled": st.scheduled, "running": st.running, **fin}
         return {
             "queue_size": st.queued + st.scheduled,
-            "workers": {"total": st.workers, "idle": st.idle_workers, "busy": st.busy_workers},
+            "workers": {
+                "total": st.workers, "idle": st.idle_workers, "busy": st.busy_workers,
+                "capacity": sum(w.concurrency for w in d.workers.values()),
+                "free": sum(max(0, w.credit) for w in d.workers.values() if not w.draining),
+            },
             "jobs": jobs,
             "requeued": st.requeued,
             "submitted_total": st.submitted,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +46,7 @@ from ..protocol.messages import (
     Submit,
     WaitJob,
 )
-from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, SUBMIT, WorkerSlot
+from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, WorkerSlot
 
 if TYPE_CHECKING:
     from .server import Broker

@@ -82,6 +82,29 @@ class StoreWriter:
             healthy=self.healthy,
         )
 
+    def flush_sync(self) -> int:
+        """At shutdown: write whatever is still queued, synchronously; returns rows written."""
+        pending: dict[str, Job] = self._dirty
+        self._dirty = {}
+        tasks: set[str] = set()
+        while True:
+            try:
+                req = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            for job in req.jobs:
+                pending[job.id] = job
+            tasks.update(req.tasks)
+        if not pending and not tasks:
+            return 0
+        rows = [self.store.row(job) for job in pending.values()]
+        try:
+            self.store.write_sync(rows, sorted(tasks))
+        except Exception as exc:
+            log.error("final store flush failed: %s", exc)
+            return 0
+        return len(rows)
+
     async def run(self, *, task_status: trio.TaskStatus[StoreWriter] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(self)
         recv = self._recv

@@ -21,12 +21,14 @@ from typing import Any
 import attrs
 import orjson
 import trio
+import trio.lowlevel
 
 from ..errors import ConnectError, ConnectionLost, ProtocolError, RemoteError
 from ..job import DEFAULT_QUEUE, ErrorInfo, Progress
 from ..protocol.connect import StreamFactory, open_session, tcp_tls_factory
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import (
+    PROTOCOL_VERSION,
     Abort,
     Delivery,
     Dispatch,
@@ -36,7 +38,6 @@ from ..protocol.messages import (
     Hello,
     Outcome,
     ProgressReport,
-    PROTOCOL_VERSION,
     Release,
     Result,
     TaskDefaults,
@@ -247,7 +248,7 @@ class Worker:
             while True:
                 await self._flush.wait()
                 self._flush = trio.Event()
-                await trio.sleep(0)  # let jobs finishing in this same moment join the batch
+                await trio.lowlevel.checkpoint()  # let jobs finishing in this same moment join the batch
                 if self._outbox:
                     batch, self._outbox = self._outbox, []
                     conn.send_nowait(Result(batch))
@@ -280,7 +281,7 @@ class Worker:
         jobs.cancel_scope.cancel()
 
     async def _flush_now(self, conn: FramedConnection) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         if self._outbox:
             batch, self._outbox = self._outbox, []
             conn.send_nowait(Result(batch))
