@@ -51,11 +51,11 @@ class TrioqProcess:
             self._changed = trio.Event()
         self._changed.set()
 
-    async def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+    async def wait_for(self, pattern: str, within: float = 60.0) -> re.Match[str]:
         """Block until a log line matches (the process's own readiness signal)."""
         rx = re.compile(pattern)
         seen = 0
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             while True:
                 for line in self.lines[seen:]:
                     m = rx.search(line)

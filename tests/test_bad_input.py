@@ -9,9 +9,9 @@ import trio
 
 import trioq
 from trioq.errors import ConnectionLost, ErrorCode, RemoteError
+from trioq.job import JobSpec
 from trioq.protocol.framing import FramedConnection
 from trioq.protocol.messages import PROTOCOL_VERSION, Ack, Error, Hello, Submit, Welcome
-from trioq.job import JobSpec
 from trioq.tls import client_context
 
 from .test_tls_e2e import start_broker

@@ -31,7 +31,8 @@ async def test_kill9_worker_mid_job_requeues_to_the_other(nursery, tmp_path):
         async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
             slow = await c.submit("slow_task", {"seconds": 3}, priority=1)
             with trio.fail_after(30):
-                while (job := await c.get_job(slow)).state is not JobState.RUNNING:
+                # another process's state: poll it, bounded by the deadline
+                while (job := await c.get_job(slow)).state is not JobState.RUNNING:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             victim = job.worker
             assert victim in workers

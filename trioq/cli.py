@@ -356,7 +356,7 @@ async def _submit(c, spec: JobSpec) -> None:
         sys.exit(4)
 
 
-async def _wait_all(c, ids: list[str], timeout: float | None, progress: bool) -> list[Job]:
+async def _wait_all(c, ids: list[str], within: float | None, progress: bool) -> list[Job]:
     from tqdm import tqdm
 
     results: dict[str, Job] = {}
@@ -368,14 +368,14 @@ async def _wait_all(c, ids: list[str], timeout: float | None, progress: bool) ->
         bar.update(1)
 
     try:
-        with trio.fail_after(timeout if timeout is not None else float("inf")):
+        with trio.fail_after(within if within is not None else float("inf")):
             limiter = trio.CapacityLimiter(10_000)
             async with trio.open_nursery() as n:
                 for jid in ids:
                     n.start_soon(one, jid, limiter)
     except trio.TooSlowError:
         bar.close()
-        fail(f"timed out after {timeout}s with {len(results)} of {len(ids)} jobs finished", 5)
+        fail(f"timed out after {within}s with {len(results)} of {len(ids)} jobs finished", 5)
     bar.close()
     return [results[j] for j in ids]
 
@@ -508,7 +508,7 @@ def result(**o: Any) -> None:
         if o["wait"]:
             try:
                 j = await c.result(o["job_id"], timeout=o["timeout"])
-            except trio.TooSlowError:
+            except TimeoutError:
                 fail(f"job {o['job_id']} did not finish within {o['timeout']}s", 5)
         else:
             j = await c.get_job(o["job_id"])

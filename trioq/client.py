@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -86,7 +87,7 @@ class Client:
 
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Client]:
-        conn, self.welcome = await open_session(self._connect, self._hello, timeout=self._timeout)
+        conn, self.welcome = await open_session(self._connect, self._hello, handshake_timeout=self._timeout)
         self._conn = conn
         try:
             async with trio.open_nursery() as nursery:
@@ -166,7 +167,7 @@ class Client:
         delay: float | None = None,
         run_at: float | None = None,
         max_attempts: int | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's run limit, not this call's
         idempotency_key: str | None = None,
     ) -> str:
         """Submit one job; returns its id once the broker has committed it."""
@@ -193,13 +194,13 @@ class Client:
             ids.extend(reply.ids)
         return ids
 
-    async def result(self, job_id: str, timeout: float | None = None) -> Job:
+    async def result(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109 - the documented API
         """Wait until the job is final and return it; TimeoutError after ``timeout``."""
-        if timeout is None:
-            reply = await self._request(WaitJob(next(self._ids), job_id))
-        else:
-            with trio.fail_after(timeout):
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
                 reply = await self._request(WaitJob(next(self._ids), job_id))
+        except trio.TooSlowError:
+            raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
         assert isinstance(reply, JobReply)
         return reply.job
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class ErrorCode(str, enum.Enum):
+class ErrorCode(enum.StrEnum):
     BAD_FRAME = "bad_frame"  # bytes that are not a frame, or not JSON
     TOO_LARGE = "too_large"  # frame, batch or payload over its limit
     UNKNOWN_MESSAGE = "unknown_message"  # a frame whose type trioq does not know

@@ -20,7 +20,7 @@ DEFAULT_MAX_WORKER_LOSSES = 5
 BUILTIN_TASKS = ("reverse_string", "to_uppercase", "fibonacci", "is_prime", "slow_task", "noop")
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     SCHEDULED = "scheduled"  # waiting for run_at (a delay, or a retry's backoff)
     RUNNING = "running"

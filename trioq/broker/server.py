@@ -117,7 +117,6 @@ class Broker:
     # --- startup ------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[BrokerHandle] = trio.TASK_STATUS_IGNORED) -> None:
-        cfg = self.config
         try:
             async with trio.open_nursery() as nursery:
                 await self._serve(nursery, task_status)
@@ -199,7 +198,8 @@ class Broker:
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         try:
-            peer = "%s:%s" % stream.socket.getpeername()[:2]
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
         except OSError:
             peer = "?"
         if self.connections >= self.config.max_connections:
@@ -424,7 +424,7 @@ class Broker:
             lambda: store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor)
         )
 
-    async def wait_job(self, job_id: str, timeout: float | None = None) -> Job | None:
+    async def wait_job(self, job_id: str) -> Job | None:
         """The job once it is final (committed); None if there is no such job."""
         if job_id not in self.dispatcher.live:
             job = await self.get_job(job_id)
@@ -441,11 +441,7 @@ class Broker:
 
         self._waiters.setdefault(job_id, []).append(fire)
         try:
-            if timeout is None:
-                await done.wait()
-            else:
-                with trio.move_on_after(timeout):
-                    await done.wait()
+            await done.wait()
         finally:
             if not box:
                 cbs = self._waiters.get(job_id)

@@ -60,20 +60,20 @@ def tcp_tls_factory(
 
 
 async def open_session(
-    factory: StreamFactory, hello: Hello, *, timeout: float = 10.0, max_frame: int = 64 * 1024 * 1024
+    factory: StreamFactory, hello: Hello, *, handshake_timeout: float = 10.0, max_frame: int = 64 * 1024 * 1024
 ) -> tuple[FramedConnection, Welcome]:
     """Connect and shake hands. The caller must start ``conn.run_writer`` itself."""
-    with trio.move_on_after(timeout) as cs:
+    with trio.move_on_after(handshake_timeout) as cs:
         stream = await factory()
     if cs.cancelled_caught:
-        raise ConnectError(f"connecting to the broker took more than {timeout:g}s")
+        raise ConnectError(f"connecting to the broker took more than {handshake_timeout:g}s")
     conn = FramedConnection(stream, max_frame=max_frame)
     try:
-        with trio.move_on_after(timeout) as cs:
+        with trio.move_on_after(handshake_timeout) as cs:
             await stream.send_all(frame(hello))
             reply = await conn.receive()
         if cs.cancelled_caught:
-            raise ConnectError(f"no WELCOME from the broker within {timeout:g}s")
+            raise ConnectError(f"no WELCOME from the broker within {handshake_timeout:g}s")
     except (ConnectionLost, ProtocolError) as exc:
         await conn.aclose()
         raise ConnectError(f"handshake failed: {exc}") from None

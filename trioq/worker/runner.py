@@ -117,6 +117,7 @@ class Worker:
         self.grace = grace
         self.connect_timeout = connect_timeout
         self._stopping = trio.Event()
+        self._idle: trio.Event | None = None
         self._stop_requested = False
         self._running: dict[str, tuple[int, trio.CancelScope]] = {}
         self._outbox: list[Outcome] = []
@@ -160,7 +161,7 @@ class Worker:
         started = False
         while not self._stop_requested:
             try:
-                conn, welcome = await open_session(self._connect, self._hello(), timeout=self.connect_timeout)
+                conn, welcome = await open_session(self._connect, self._hello(), handshake_timeout=self.connect_timeout)
             except (ConnectError, RemoteError) as exc:
                 if not self.reconnect or (isinstance(exc, RemoteError) and exc.code in ("unauthenticated", "forbidden")):
                     raise
@@ -265,7 +266,8 @@ class Worker:
         await self._stopping.wait()
         with trio.move_on_after(self.grace):
             while self._running:
-                await trio.sleep(0.05)
+                self._idle = trio.Event()
+                await self._idle.wait()
         if self._running:
             held = list(self._running.items())
             log.warning("worker %s: grace over, handing back %d job(s)", self.name, len(held))
@@ -355,6 +357,8 @@ class Worker:
             outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo("Cancelled", "the job was cancelled", "", False))
         else:
             self._running.pop(d.id, None)
+        if not self._running and self._idle is not None:
+            self._idle.set()
         if outcome.ok:
             self.completed += 1
         else:
