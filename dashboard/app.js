@@ -17,8 +17,8 @@
   var MAX_ROWS = 300;            // job rows kept in the DOM
   var SPILL_MAX = 2000;          // trimmed-from-bottom jobs kept in memory for "Load more"
   var SAFETY_REFRESH_MS = 15000; // gentle aggregate refresh
-  var TASKS_THROTTLE_MS = 5000;
-  var QUEUES_THROTTLE_MS = 3000;
+  var TASKS_THROTTLE_MS = 10000;
+  var QUEUES_THROTTLE_MS = 5000;
   var STALE_STREAM_MS = 30000;   // no SSE message for this long -> reconnect
   var TIMESERIES_KEEP_S = 660;
   var TOKEN_KEY = 'trioq-token';
@@ -134,7 +134,8 @@
   function fmtFull(ts) {
     if (!isNum(ts)) return '–';
     var d = new Date(ts * 1000);
-    return d.toLocaleString() + '  (' + fmtAgoOrIn(ts) + ')';
+    return d.getFullYear() + '-' + pad2(d.getMonth() + 1) + '-' + pad2(d.getDate()) + ' ' +
+      pad2(d.getHours()) + ':' + pad2(d.getMinutes()) + ':' + pad2(d.getSeconds()) + '  (' + fmtAgoOrIn(ts) + ')';
   }
   function fmtAgoOrIn(ts) {
     var d = ts - nowS();
@@ -322,7 +323,11 @@
     if (!c) return;
     var msg = 'Failed to load: ' + (err && err.message ? err.message : err);
     var box = c.querySelector(':scope > .panel-error');
-    if (!box) { box = h('div', { class: 'panel-error' }); c.insertBefore(box, c.firstChild); }
+    if (!box) {
+      box = h('div', { class: 'panel-error', 'data-testid': 'panel-error', role: 'alert' });
+      var head = c.querySelector(':scope > .panel-head');
+      c.insertBefore(box, head ? head.nextSibling : c.firstChild);
+    }
     box.textContent = msg;
   }
   function clearPanelError(containerId) {
@@ -360,6 +365,7 @@
   function applyStats(s) {
     if (!s || typeof s !== 'object') return;
     state.stats = s;
+    lastFetch.stats = Date.now();
     var w = s.workers || {}, j = s.jobs || {};
     setCard('queue_size', s.queue_size, isNum(j.scheduled) ? '+' + j.scheduled + ' scheduled' : '');
     setCard('workers', w.total, countStatuses());
@@ -566,7 +572,9 @@
   }
 
   // ------------------------------------------------------------------ queues
+  var lastFetch = { queues: 0, tasks: 0, stats: 0 };
   function loadQueues() {
+    lastFetch.queues = Date.now();
     return apiGet('/api/queues').then(function (data) {
       clearPanelError('queues-section');
       state.queues = (data && data.queues) || [];
@@ -626,6 +634,7 @@
 
   // ------------------------------------------------------------------ tasks
   function loadTasks() {
+    lastFetch.tasks = Date.now();
     return apiGet('/api/tasks').then(function (data) {
       clearPanelError('task-panel');
       state.tasks = { tasks: (data && data.tasks) || [], known: (data && data.known) || [] };
@@ -1141,8 +1150,8 @@
     if (log.jobs.has(id)) {
       var job = mergeJob(log.jobs.get(id), ev);
       log.jobs.set(id, job);
-      if (!matchesFilter(job)) { removeRowSoon(id); }
-      else { cancelLeaving(id); updateRow(id, job); }
+      if (!matchesFilter(job)) removeRowSoon(id);
+      else updateRow(id, job);
     } else if (log.spillMap.has(id)) {
       var sj = mergeJob(log.spillMap.get(id), ev);
       updateSpill(id, sj);
@@ -1217,21 +1226,9 @@
     if (removed) { log.live = false; updateBanner(); }
   }
 
-  var leaving = new Map();
-  function removeRowSoon(id) {
-    var tr = log.rows.get(id);
-    if (!tr) return;
-    updateRow(id, log.jobs.get(id));
-    if (leaving.has(id)) return;
-    tr.classList.add('leaving');
-    leaving.set(id, setTimeout(function () { leaving.delete(id); removeRow(id); }, 1200));
-  }
-  function cancelLeaving(id) {
-    if (!leaving.has(id)) return;
-    clearTimeout(leaving.get(id)); leaving.delete(id);
-    var tr = log.rows.get(id);
-    if (tr) tr.classList.remove('leaving');
-  }
+  // A row whose job no longer matches the active filter leaves the list at once
+  // (so a filtered view only ever shows matching rows).
+  function removeRowSoon(id) { removeRow(id); }
   function removeRow(id) {
     var tr = log.rows.get(id);
     if (tr && tr.parentNode) tr.parentNode.removeChild(tr);
@@ -1292,6 +1289,7 @@
     if (s && s.jobs) {
       if (!f.task && !f.queue) total = f.state ? s.jobs[f.state] : s.total;
     }
+    if (isNum(total) && total < n) total = null;
     var txt = n ? 'Showing ' + n + (isNum(total) ? ' of ' + total : '') + ' job' + (n === 1 && !isNum(total) ? '' : 's') : '';
     if (!log.live) txt += ' · older page';
     var el = $('job-count');
@@ -1659,9 +1657,14 @@
     }
   }
 
+  // Gentle safety net: only what the event stream did not already refresh recently.
   function safetyRefresh() {
     if (document.hidden) return;
-    loadStats(); loadWorkers(); loadQueues(); loadTasks();
+    var now = Date.now(), stale = SAFETY_REFRESH_MS - 1000;
+    loadWorkers();
+    if (now - lastFetch.stats > 5000) loadStats();
+    if (now - lastFetch.queues > stale) loadQueues();
+    if (now - lastFetch.tasks > stale) loadTasks();
     var live = $('conn-status').getAttribute('data-state') === 'live';
     if (!live) loadTimeseries();
   }
@@ -1694,6 +1697,12 @@
 
     // job log
     $('job-log-body').addEventListener('click', onJobLogClick);
+    $('job-log-body').addEventListener('animationend', function (e) {
+      var tr = e.target.closest && e.target.closest('tr');
+      if (!tr || e.target.cellIndex !== 0) return;
+      if (e.animationName === 'freshbar') tr.classList.remove('fresh');
+      else if (e.animationName === 'flash') tr.classList.remove('flash');
+    });
     $('load-more').addEventListener('click', loadMore);
     $('back-to-newest').addEventListener('click', function () { resetJobs(); $('job-log-wrap').scrollTop = 0; });
     $('tab-all').addEventListener('click', function () { setTab('all'); });
