@@ -21,6 +21,7 @@ from .base import Store
 log = logging.getLogger("trioq.store")
 
 MAX_BATCH_ROWS = 20_000
+RETRY_INTERVAL = 0.5  # seconds between retries of a failed commit while idle
 
 
 @attrs.define(slots=True, eq=False)
@@ -110,9 +111,14 @@ class StoreWriter:
         recv = self._recv
         store = self.store
         while True:
-            first = await recv.receive()
-            batch = [first]
-            n = len(first.jobs)
+            batch: list[_Request] = []
+            if self._dirty or not self.healthy:
+                # A failed commit left work behind: retry it even if nothing new comes.
+                with trio.move_on_after(RETRY_INTERVAL):
+                    batch.append(await recv.receive())
+            else:
+                batch.append(await recv.receive())
+            n = sum(len(req.jobs) for req in batch)
             while n < MAX_BATCH_ROWS:
                 try:
                     req = recv.receive_nowait()
