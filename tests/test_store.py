@@ -1,0 +1,368 @@
+"""The SQLite journal on a real file, and the group-commit writer in front of every store."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+import trioq
+from trioq.broker.config import BrokerConfig
+from trioq.broker.server import Broker
+from trioq.broker.sessions import RequestError
+from trioq.errors import ErrorCode, StoreError
+from trioq.job import ErrorInfo, Job, JobSpec, JobState, Progress
+from trioq.store.memory import MemoryStore
+from trioq.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from trioq.store.writer import StoreWriter
+
+from .conftest import FakeWorker, memory_connect
+
+
+def make_job(seq: int, **kw) -> Job:
+    fields = dict(id=f"job{seq:04d}", seq=seq, task="noop", payload={"n": seq}, created_at=1000.0 + seq)
+    fields.update(kw)
+    return Job(**fields)
+
+
+def as_dict(job: Job) -> dict:
+    return attrs.asdict(job, recurse=True)
+
+
+@pytest.fixture
+def db(tmp_path):
+    store = SQLiteStore(tmp_path / "q.db")
+    store.open_sync()
+    yield store
+    store.close_sync()
+
+
+def test_every_job_field_round_trips(db):
+    full = Job(
+        id="f00dfeed00000001",
+        seq=7,
+        task="reverse_string",
+        payload={"data": "héllo", "nested": [1, 2.5, None, {"k": True}]},
+        priority=2,
+        queue="high",
+        state=JobState.DEAD,
+        attempts=4,
+        failures=3,
+        worker_losses=1,
+        max_attempts=6,
+        timeout=12.5,
+        run_at=2000.25,
+        created_at=1000.5,
+        started_at=1500.75,
+        finished_at=1600.125,
+        worker="alpha",
+        result={"partial": ["a", "b"]},
+        error=ErrorInfo("ValueError", "n must be positive", "Traceback (most recent call last):\n  boom\n", False),
+        progress=Progress(0.75, "three quarters"),
+        idempotency_key="order-42",
+        dead_reason="not_retryable",
+        owner="alice",
+    )
+    # every field differs from its default, so a column that is dropped shows up
+    defaults = as_dict(Job(id="", seq=0, task="", payload=None))
+    assert all(as_dict(full)[k] != v for k, v in defaults.items()), "test job leaves a field at its default"
+    bare = make_job(8, payload=["a list", 1])
+    db.write_sync([db.row(full), db.row(bare)])
+    assert as_dict(db.get_sync(full.id)) == as_dict(full)
+    assert as_dict(db.get_sync(bare.id)) == as_dict(bare)
+    assert db.get_sync("nope") is None
+    # an update rewrites the mutable columns and keeps the rest
+    full.state = JobState.QUEUED
+    full.error = None
+    full.progress = None
+    full.result = None
+    full.attempts = 5
+    db.write_sync([db.row(full)])
+    again = db.get_sync(full.id)
+    assert as_dict(again) == as_dict(full)
+    assert again.error is None and again.progress is None and again.result is None
+
+
+def _fill(db, n=25):
+    jobs = []
+    for seq in range(1, n + 1):
+        state = [JobState.COMPLETED, JobState.QUEUED, JobState.DEAD, JobState.RUNNING, JobState.CANCELLED][seq % 5]
+        jobs.append(
+            make_job(
+                seq,
+                task=("noop", "reverse_string")[seq % 2],
+                queue=("default", "high", "low")[seq % 3],
+                state=state,
+                finished_at=100.0 + seq if state.terminal else None,
+            )
+        )
+    db.write_sync([db.row(j) for j in jobs])
+    return jobs
+
+
+def _page_all(db, **filters):
+    out, cursor, pages = [], None, 0
+    while True:
+        page = db.list_sync(limit=4, before_seq=cursor, **filters)
+        assert len(page.jobs) <= 4
+        out.extend(page.jobs)
+        pages += 1
+        assert pages < 50
+        if page.next_cursor is None:
+            return out, pages
+        assert page.next_cursor == page.jobs[-1].seq
+        cursor = page.next_cursor
+
+
+def test_listing_is_newest_first_with_cursor_paging_and_filters(db):
+    jobs = _fill(db)
+    listed, pages = _page_all(db)
+    assert [j.seq for j in listed] == list(range(25, 0, -1))
+    assert pages == 7  # 4+4+4+4+4+4+1
+    exact = db.list_sync(limit=25)
+    assert len(exact.jobs) == 25 and exact.next_cursor is None  # nothing more: no empty last page
+
+    def expect(pred):
+        return [j.seq for j in sorted(jobs, key=lambda j: -j.seq) if pred(j)]
+
+    got, _ = _page_all(db, state=JobState.COMPLETED)
+    assert [j.seq for j in got] == expect(lambda j: j.state is JobState.COMPLETED)
+    got, _ = _page_all(db, queue="high")
+    assert [j.seq for j in got] == expect(lambda j: j.queue == "high")
+    got, _ = _page_all(db, task="reverse_string", queue="low")
+    assert [j.seq for j in got] == expect(lambda j: j.task == "reverse_string" and j.queue == "low")
+    got, _ = _page_all(db, state="dead", task="noop")
+    assert [j.seq for j in got] == expect(lambda j: j.state is JobState.DEAD and j.task == "noop")
+    assert got  # the filters select something
+    assert db.list_sync(queue="nowhere").jobs == []
+
+
+def test_counts_purge_and_delete(db):
+    jobs = _fill(db)
+    want: dict[str, dict[str, int]] = {}
+    for j in jobs:
+        per = want.setdefault(j.task, {})
+        per[j.state.value] = per.get(j.state.value, 0) + 1
+    assert db.counts_sync() == want
+    # an unfinished job with an old finished_at (say a retried one) is never purged
+    stray = make_job(26, state=JobState.QUEUED, finished_at=1.0)
+    db.write_sync([db.row(stray)])
+    cutoff = 110.5  # finished_at = 100 + seq: terminal jobs with seq <= 10 are older
+    old_terminal = {j.id for j in jobs if j.state.terminal and j.finished_at < cutoff}
+    assert old_terminal and len(old_terminal) < sum(j.state.terminal for j in jobs)
+    assert db.purge_sync(cutoff) == len(old_terminal)
+    left = {j.id for j in db.list_sync(limit=100).jobs}
+    assert not (left & old_terminal)
+    assert left == {j.id for j in jobs if j.id not in old_terminal} | {stray.id}
+    assert db.purge_sync(cutoff) == 0
+    # the limit bounds one purge
+    assert db.purge_sync(1e9, limit=2) == 2
+    # delete
+    victim = next(j for j in jobs if j.id in left and j.state is JobState.RUNNING)
+    assert db.delete_sync(victim.id) is True
+    assert db.get_sync(victim.id) is None
+    assert db.delete_sync(victim.id) is False
+
+
+def test_reopen_restores_unfinished_in_seq_order_next_seq_tasks_and_paused(tmp_path):
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    first = store.open_sync()
+    assert first.jobs == [] and first.next_seq == 1 and first.paused_queues == []
+    # written out of order, the highest seq is a finished job
+    order = [5, 2, 9, 1, 7, 3]
+    states = {1: JobState.QUEUED, 2: JobState.RUNNING, 3: JobState.COMPLETED, 5: JobState.SCHEDULED,
+              7: JobState.DEAD, 9: JobState.COMPLETED}
+    store.write_sync([store.row(make_job(s, state=states[s], run_at=50.0 if s == 5 else None)) for s in order],
+                     tasks=["noop", "custom"])
+    store.set_paused_sync("low", True)
+    store.set_paused_sync("high", True)
+    store.set_paused_sync("high", False)
+    store.close_sync()
+
+    again = SQLiteStore(path)
+    rec = again.open_sync()
+    try:
+        assert [j.seq for j in rec.jobs] == [1, 2, 5]
+        assert [j.state for j in rec.jobs] == [JobState.QUEUED, JobState.RUNNING, JobState.SCHEDULED]
+        assert rec.jobs[2].run_at == 50.0
+        assert rec.next_seq == 10
+        assert rec.tasks == ["custom", "noop"]
+        assert rec.paused_queues == ["low"]
+    finally:
+        again.close_sync()
+
+
+def test_wal_and_synchronous_full_by_default(tmp_path, db):
+    w = db._w
+    r = db._r
+    assert w is not None and r is not None and w is not r
+    for conn in (w, r):
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    # WAL is a property of the file: a plain connection sees it too
+    with sqlite3.connect(db.path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert "synchronous=FULL" in db.description and db.durable
+    normal = SQLiteStore(tmp_path / "n.db", synchronous="normal")
+    normal.open_sync()
+    try:
+        assert normal._w.execute("PRAGMA synchronous").fetchone()[0] == 1
+        assert not normal.durable
+    finally:
+        normal.close_sync()
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteStore(tmp_path / "x.db", synchronous="sometimes")
+
+
+def test_a_newer_schema_is_refused_clearly(tmp_path):
+    path = tmp_path / "future.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION + 1),))
+    store = SQLiteStore(path)
+    with pytest.raises(RuntimeError, match=rf"schema version {SCHEMA_VERSION + 1}.*knows up to {SCHEMA_VERSION}"):
+        store.open_sync()
+    store.close_sync()
+    with sqlite3.connect(path) as conn:  # and it was left untouched
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name='jobs'").fetchone() is None
+
+
+def test_migration_from_an_empty_file_creates_version_1(tmp_path):
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    store = SQLiteStore(path)
+    rec = store.open_sync()
+    store.close_sync()
+    assert rec.jobs == [] and rec.next_seq == 1
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"meta", "jobs", "tasks", "paused_queues"} <= tables
+    # opening again does not migrate twice
+    store = SQLiteStore(path)
+    store.open_sync()
+    store.close_sync()
+
+
+# --- the writer -----------------------------------------------------------------------------------
+
+
+async def test_concurrent_writes_share_commits(tmp_path, nursery):
+    store = SQLiteStore(tmp_path / "q.db")
+    store.open_sync()
+    writer = StoreWriter(store)
+    await nursery.start(writer.run)
+    n = 200
+    done = []
+
+    async def one(i: int) -> None:
+        await writer.write([make_job(i + 1)], new=True)
+        done.append(i)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n_:
+            for i in range(n):
+                n_.start_soon(one, i)
+    st = writer.statistics()
+    assert len(done) == n
+    assert st.requests == n and st.rows == n and st.failures == 0 and st.healthy
+    assert 1 <= st.commits < n / 2, st  # group commit: far fewer transactions than calls
+    assert len(store.list_sync(limit=1000).jobs) == n
+    store.close_sync()
+
+
+async def test_several_changes_to_one_job_in_a_batch_are_one_row(nursery):
+    store = MemoryStore()
+    writer = StoreWriter(store)
+    await nursery.start(writer.run)
+    job = make_job(1)
+    for _ in range(5):
+        writer.write_nowait([job])
+    await writer.write([job])
+    st = writer.statistics()
+    assert st.requests == 6 and st.rows == 1 and st.commits == 1
+
+
+class RecordingStore(MemoryStore):
+    """A memory store that remembers, per job, the state each successful commit carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committed: dict[str, JobState] = {}
+        self.tried = trio.Event()  # set at every write attempt, failed or not
+
+    def write_sync(self, rows, tasks=()) -> None:
+        self.tried.set()
+        super().write_sync(rows, tasks)
+        for (job,) in rows:
+            self.committed[job.id] = job.state
+
+
+async def test_failing_store_refuses_submits_and_recovers(autojump_clock, nursery):
+    store = RecordingStore()
+    broker = Broker(
+        BrokerConfig(http=False, db=":memory:", heartbeat_interval=1.0, heartbeat_timeout=10.0),
+        store=store, now=trio.current_time, seed=1,
+    )
+    await broker.start_core(nursery)
+    d = broker.dispatcher
+    w = await FakeWorker.connect(broker, nursery, name="w", concurrency=1, heartbeat=1.0)
+    commits = trio.Event()
+    broker.writer.on_commit.append(lambda jobs: commits.set())
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        first = await c.submit("noop", {"n": 1})
+        delivery = await w.next_delivery()
+        assert delivery.id == first
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.committed[first] is JobState.RUNNING
+
+        store.fail_writes = OSError("disk full")
+        submitted = d.submitted
+        # the first submit meets the failure in its own commit: refused, its key not claimed
+        with pytest.raises(StoreError, match="disk full"):
+            await broker.submit([JobSpec("noop", {"n": 2}, idempotency_key="k1")])
+        assert not broker.writer.healthy and "k1" not in d.idempotency
+        # the writer itself: a new job is not kept, the error says why
+        ghost = make_job(10_000, id="ghost")
+        with pytest.raises(StoreError, match="disk full"):
+            await broker.writer.write([ghost], new=True)
+        # the worker finishes meanwhile: the change is journaled but cannot be committed
+        store.tried = trio.Event()
+        w.complete(delivery, "done")
+        await store.tried.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert broker.writer.statistics().failures == 3
+        assert store.committed[first] is JobState.RUNNING
+        # producers are refused with "busy" while the store fails
+        for key in ("k1", None):
+            with pytest.raises(trioq.RemoteError) as info:
+                await c.submit("noop", {"n": 3}, idempotency_key=key)
+            assert info.value.code == "busy" and "store" in info.value.message
+        with pytest.raises(RequestError) as refused:
+            await broker.submit([JobSpec("noop", {"n": 4})])
+        assert refused.value.code is ErrorCode.BUSY
+        assert d.submitted == submitted
+        assert set(d.live) == set() and "k1" not in d.idempotency
+        assert set(store.committed) == {first}
+        assert broker.stats()["store"]["healthy"] is False
+
+        # the disk comes back: the writer retries on its own, the pending update lands
+        store.fail_writes = None
+        commits = trio.Event()
+        with trio.fail_after(10):
+            await commits.wait()
+        assert store.committed[first] is JobState.COMPLETED
+        assert broker.writer.healthy
+        assert "ghost" not in store.committed  # the refused new job was never written
+        again = await c.submit("noop", {"n": 4}, idempotency_key="k1")
+        d2 = await w.next_delivery()
+        assert d2.id == again
+        w.complete(d2, "ok")
+        done = await c.result(again, timeout=10)
+        assert done.state is JobState.COMPLETED and done.result == "ok"
+        assert store.committed[again] is JobState.COMPLETED
+        assert (await c.result(first, timeout=10)).result == "done"
