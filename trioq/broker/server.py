@@ -11,6 +11,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,6 +35,7 @@ from .sessions import ProducerSession, RequestError, WorkerSession, make_jobs, v
 log = logging.getLogger("trioq.broker")
 
 BACKPRESSURE_WAIT = 30.0
+RECENT_JOBS = 50_000
 
 
 @attrs.frozen
@@ -108,11 +110,17 @@ class Broker:
         self.default_max_attempts = DEFAULT_MAX_ATTEMPTS
         self.worker_sessions: dict[str, WorkerSession] = {}
         self._waiters: dict[str, list[Callable[[Job], None]]] = {}
+        #: jobs whose final state was committed lately: answers waits without a store read,
+        #: and closes the race between a store read and the commit that ends the job
+        self._recent: OrderedDict[str, Job] = OrderedDict()
         self.connections = 0
         self.started_at = now()
         self.dispatch_latency: list[float] = []  # recent queue waits, for metrics
-        self.observers: list[Callable[[str, Any], None]] = []  # metrics hooks
+        # metrics hooks, called as (kind, data): ("job", job) per committed change,
+        # ("changed", jobs) as the dispatcher changes them, ("submitted", jobs), ("requeued", jobs)
+        self.observers: list[Callable[[str, Any], None]] = []
         self.http_port: int | None = None
+        self.port: int | None = None  # the trioq listener's bound port, once serving
 
     # --- startup ------------------------------------------------------------------
 
@@ -132,6 +140,7 @@ class Broker:
         await self.start_core(nursery)
         listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         port = listeners[0].socket.getsockname()[1]
+        self.port = port
         await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
         log.info(
             "broker listening on %s:%d (TLS %s, auth %s, store %s)",
@@ -306,15 +315,18 @@ class Broker:
     # --- journaling and notifications ---------------------------------------------------
 
     def journal(self, jobs: Iterable[Job]) -> None:
-        self.writer.write_nowait(list(jobs))
+        batch = list(jobs)
+        self.writer.write_nowait(batch)
+        for obs in self.observers:
+            obs("changed", batch)
 
     def _committed(self, jobs: Iterable[Job]) -> None:
         waiters = self._waiters
         hub = self.hub
-        if not waiters and not hub.active and not self.observers:
-            return
+        recent = self._recent
         for job in jobs:
             if job.state in TERMINAL_STATES:
+                recent[job.id] = job
                 cbs = waiters.pop(job.id, None)
                 if cbs:
                     for cb in cbs:
@@ -323,6 +335,8 @@ class Broker:
                 hub.publish("job", job_summary(job))
             for obs in self.observers:
                 obs("job", job)
+        while len(recent) > RECENT_JOBS:
+            recent.popitem(last=False)
 
     def publish_worker(self, slot: WorkerSlot, event: str) -> None:
         if self.hub.active:
@@ -357,10 +371,12 @@ class Broker:
                     "job %s requeued (%s on %s): priority %d, seq %d, attempt %d next",
                     job.id, reason, slot.name if slot else "?", job.priority, job.seq, job.attempts + 1,
                 )
+        for obs in self.observers:
+            obs("requeued", jobs)
 
     # --- operations (used by sessions, the HTTP API and tests) -----------------------------
 
-    async def submit(self, specs: list[JobSpec], *, owner: str | None = None) -> tuple[list[str], list[bool]]:
+    async def submit(self, specs: list[JobSpec], *, owner: str | None = None, frame_size: int | None = None) -> tuple[list[str], list[bool]]:
         validate_specs(specs, self)
         d = self.dispatcher
         if not d.has_room(self.config.max_queued):
@@ -382,7 +398,7 @@ class Broker:
             else:
                 fresh_specs.append(spec)
                 fresh_pos.append(i)
-        jobs = make_jobs(fresh_specs, self, owner) if fresh_specs else []
+        jobs = make_jobs(fresh_specs, self, owner, frame_size) if fresh_specs else []
         claimed = []
         for job, i in zip(jobs, fresh_pos, strict=True):
             ids[i] = job.id
@@ -405,16 +421,20 @@ class Broker:
                         d.idempotency.pop(key, None)
                     raise
                 d.post(SUBMIT, jobs)
+                for obs in self.observers:
+                    obs("submitted", jobs)
         return ids, existing  # type: ignore[return-value]
 
     async def get_job(self, job_id: str) -> Job | None:
-        job = self.dispatcher.live.get(job_id)
+        job = self.dispatcher.live.get(job_id) or self._recent.get(job_id)
         if job is not None:
             return job
         if not isinstance(job_id, str) or len(job_id) > 64:
             return None
         store = self.store
-        return store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
+        job = store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
+        # The job may have ended while the store was read: the newer state wins.
+        return self.dispatcher.live.get(job_id) or self._recent.get(job_id) or job
 
     async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None) -> JobPage:
         store = self.store
@@ -432,6 +452,7 @@ class Broker:
                 return None
             if job.state in TERMINAL_STATES:
                 return job
+        # From here to the registration below nothing awaits: no commit can slip in between.
         done = trio.Event()
         box: list[Job] = []
 
@@ -502,6 +523,7 @@ class Broker:
             raise RequestError(ErrorCode.INVALID_STATE, f"only finished jobs can be discarded; {job_id} is {job.state.value}")
         store = self.store
         gone = store.delete_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.delete_sync, job_id)
+        self._recent.pop(job_id, None)
         if gone:
             self.dispatcher.forget_finished(job)
         log.info("job %s discarded", job_id)
@@ -520,7 +542,7 @@ class Broker:
         session = self.worker_sessions.get(worker_id)
         if session is None:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no worker with id {worker_id!r}")
-        await self._call(self.dispatcher.drain_nowait, session.slot, stopping=stop)
+        await self._call(lambda: self.dispatcher.drain_nowait(session.slot, stopping=stop))
         session.send_drain(stop)
         log.info("worker %s asked to %s", session.slot.name, "stop" if stop else "quiet")
         self.publish_worker(session.slot, "updated")

@@ -19,7 +19,7 @@ import orjson
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
-from ..job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState, new_job_id
+from ..job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState, new_job_ids
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import (
     Abort,
@@ -54,6 +54,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("trioq.broker")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+_NO_DEFAULTS: dict[str, Any] = {}
+_GOOD_NAMES: set[str] = set()  # names that matched NAME_RE once (bounded below)
+
+
+def good_name(name: str) -> bool:
+    if name in _GOOD_NAMES:
+        return True
+    if type(name) is str and NAME_RE.match(name):
+        if len(_GOOD_NAMES) < 100_000:
+            _GOOD_NAMES.add(name)
+        return True
+    return False
 
 
 class RequestError(Exception):
@@ -124,13 +136,14 @@ class ProducerSession(Session):
             self.refuse(ErrorCode.FORBIDDEN, f"{msg.TYPE} needs the admin role", req)
             return
         borrower = object()
+        size = self.conn.last_size
         await limiter.acquire_on_behalf_of(borrower)
-        nursery.start_soon(self._serve, handler, msg, limiter, req, borrower)
+        nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size)
 
-    async def _serve(self, handler, msg: Message, limiter: trio.CapacityLimiter, req: int | None, borrower: object) -> None:
+    async def _serve(self, handler, msg: Message, limiter: trio.CapacityLimiter, req: int | None, borrower: object, size: int) -> None:
         try:
             try:
-                await handler(self, msg)
+                await handler(self, msg, size)
             except RequestError as exc:
                 self.refuse(exc.code, exc.message, req)
             except StoreError as exc:
@@ -143,17 +156,17 @@ class ProducerSession(Session):
         finally:
             limiter.release_on_behalf_of(borrower)
 
-    async def _submit(self, msg: Submit) -> None:
-        ids, existing = await self.broker.submit(msg.jobs, owner=self.owner)
+    async def _submit(self, msg: Submit, size: int = 0) -> None:
+        ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
         self.conn.send_nowait(Ack(msg.req, ids, existing))
 
-    async def _get(self, msg: GetJob) -> None:
+    async def _get(self, msg: GetJob, _size: int = 0) -> None:
         job = await self.broker.get_job(msg.id)
         if job is None:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))
 
-    async def _list(self, msg: ListJobs) -> None:
+    async def _list(self, msg: ListJobs, _size: int = 0) -> None:
         state = None
         if msg.state is not None:
             try:
@@ -164,7 +177,7 @@ class ProducerSession(Session):
         page = await self.broker.list_jobs(state=state, queue=msg.queue, task=msg.task, limit=limit, cursor=msg.cursor)
         self.conn.send_nowait(JobsReply(msg.req, page.jobs, page.next_cursor))
 
-    async def _wait(self, msg: WaitJob) -> None:
+    async def _wait(self, msg: WaitJob, _size: int = 0) -> None:
         if self.waits >= self.broker.config.max_waits:
             raise RequestError(ErrorCode.BUSY, "too many outstanding waits on this connection")
         self.waits += 1
@@ -176,17 +189,17 @@ class ProducerSession(Session):
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))
 
-    async def _cancel(self, msg: CancelJob) -> None:
+    async def _cancel(self, msg: CancelJob, _size: int = 0) -> None:
         job = await self.broker.cancel_job(msg.id, owner=None if self.role == "admin" else self.owner)
         self.conn.send_nowait(JobReply(msg.req, job))
 
-    async def _retry(self, msg: RetryJob) -> None:
+    async def _retry(self, msg: RetryJob, _size: int = 0) -> None:
         self.conn.send_nowait(JobReply(msg.req, await self.broker.retry_job(msg.id)))
 
-    async def _discard(self, msg: DiscardJob) -> None:
+    async def _discard(self, msg: DiscardJob, _size: int = 0) -> None:
         self.conn.send_nowait(JobReply(msg.req, await self.broker.discard_job(msg.id)))
 
-    async def _status(self, msg: StatusRequest) -> None:
+    async def _status(self, msg: StatusRequest, _size: int = 0) -> None:
         self.conn.send_nowait(StatusReply(msg.req, self.broker.stats()))
 
     _handlers: dict[type, Any] = {
@@ -211,9 +224,9 @@ def validate_specs(specs: list[JobSpec], broker: Broker) -> None:
     known = broker.dispatcher.known_tasks
     for i, s in enumerate(specs):
         where = f"job {i}" if len(specs) > 1 else "job"
-        if not NAME_RE.match(s.task):
+        if not good_name(s.task):
             raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: task must be 1-200 letters, digits or _.:-")
-        if not NAME_RE.match(s.queue):
+        if not good_name(s.queue):
             raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: queue must be 1-200 letters, digits or _.:-")
         if not MIN_PRIORITY <= s.priority <= MAX_PRIORITY:
             raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: priority must be {MIN_PRIORITY}-{MAX_PRIORITY}, not {s.priority}")
@@ -239,19 +252,24 @@ def payload_size(payload: Any) -> int:
         raise RequestError(ErrorCode.INVALID_FIELD, f"payload is not JSON: {exc}") from None
 
 
-def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None) -> list[Job]:
+def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None, frame_size: int | None = None) -> list[Job]:
     now = broker.now()
     cfg = broker.config
+    # A frame no larger than the payload limit cannot hold a payload over it.
+    if frame_size is None or frame_size > cfg.max_payload:
+        for i, s in enumerate(specs):
+            if payload_size(s.payload) > cfg.max_payload:
+                raise RequestError(ErrorCode.TOO_LARGE, f"job {i}: payload over {cfg.max_payload} bytes")
     first = broker.dispatcher.reserve_seqs(len(specs))
+    ids = new_job_ids(len(specs))
+    task_defaults = broker.task_defaults
     jobs = []
     for i, s in enumerate(specs):
-        if payload_size(s.payload) > cfg.max_payload:
-            raise RequestError(ErrorCode.TOO_LARGE, f"job {i}: payload over {cfg.max_payload} bytes")
-        defaults = broker.task_defaults.get(s.task, {})
+        defaults = task_defaults.get(s.task, _NO_DEFAULTS)
         run_at = s.run_at if s.run_at is not None else (now + s.delay if s.delay else None)
         jobs.append(
             Job(
-                id=new_job_id(),
+                id=ids[i],
                 seq=first + i,
                 task=s.task,
                 payload=s.payload,

@@ -47,6 +47,7 @@ class FramedConnection:
         self._eof = False
         self._out_send, self._out_recv = trio.open_memory_channel[bytes | None](out_buffer)
         self._writer_done = trio.Event()
+        self.last_size = 0  # body size of the frame returned last
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -54,13 +55,17 @@ class FramedConnection:
 
     async def receive(self) -> Message:
         """The next message; ConnectionLost at EOF, ProtocolError on bad input."""
-        return decode(await self.receive_frame())
+        body = await self.receive_frame()
+        self.last_size = len(body)
+        return decode(body)
 
     def receive_nowait(self) -> Message | None:
         """A message already buffered, or None: lets callers handle a batch per read."""
         if not self._frames:
             return None
-        return decode(self._frames.popleft())
+        body = self._frames.popleft()
+        self.last_size = len(body)
+        return decode(body)
 
     async def receive_frame(self) -> bytes:
         while not self._frames:

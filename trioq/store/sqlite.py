@@ -155,7 +155,7 @@ class SQLiteStore(Store):
         err = job.error
         prog = job.progress
         return (
-            job.seq, job.id, job.task, job.queue, job.priority, job.state.value,
+            job.seq, job.id, job.task, job.queue, job.priority, job.state,
             _dumps(job.payload), job.attempts, job.failures, job.worker_losses,
             job.max_attempts, job.timeout, job.run_at, job.created_at, job.started_at,
             job.finished_at, job.worker,

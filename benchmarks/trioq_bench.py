@@ -1,0 +1,252 @@
+"""trioq under the benchmark workloads: a real broker process, real worker processes, TLS on.
+
+Used by ``python -m benchmarks.throughput`` / ``latency`` / ``stress`` / ``backlog`` and by the peer
+comparison (``benchmarks.peers_main`` imports ``throughput`` and ``latency`` from here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import trioq
+from trioq.job import JobSpec
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Cluster:
+    """A broker process and N worker processes in a temp dir; everything stopped on exit."""
+
+    def __init__(self, workdir: Path, *, workers: int = 2, concurrency: int = 64, sync: str = "full",
+                 broker_args: tuple[str, ...] = (), db: Path | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.n_workers = workers
+        self.concurrency = concurrency
+        self.sync = sync
+        self.broker_args = broker_args
+        self.db = db or workdir / "bench.db"
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.logs.append(log)
+        return subprocess.Popen(
+            [sys.executable, "-m", "trioq", *args], cwd=self.workdir, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def _wait_log(self, name: str, needle: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        path = self.workdir / f"{name}.log"
+        while time.monotonic() < deadline:
+            if path.exists() and needle in path.read_text(errors="replace"):
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"{name} did not log {needle!r} within {timeout}s:\n{path.read_text(errors='replace')[-2000:]}")
+
+    def start_broker(self) -> None:
+        self.broker = self._spawn(
+            "broker", "broker", "--port", str(self.port), "--no-http", "--db", str(self.db),
+            "--sync", self.sync, "--log-level", "warning", *self.broker_args,
+        )
+        self._wait_until_serving()
+
+    def _wait_until_serving(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.broker is not None
+            if self.broker.poll() is not None:
+                raise RuntimeError("broker exited:\n" + (self.workdir / "broker.log").read_text()[-2000:])
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.01)
+        raise TimeoutError("broker did not start listening")
+
+    def start_workers(self) -> None:
+        for i in range(self.n_workers):
+            self.workers.append(self._spawn(
+                f"worker{i}", "worker", "--broker", f"127.0.0.1:{self.port}", "--concurrency",
+                str(self.concurrency), "--name", f"bench-{i}", "--log-level", "warning",
+            ))
+
+    def client(self) -> trioq.Client:
+        return trioq.Client("127.0.0.1", self.port, ca=self.workdir / "certs" / "ca.pem", role="admin")
+
+    def stop(self) -> None:
+        for p in [*self.workers, *( [self.broker] if self.broker else [])]:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in [*self.workers, *([self.broker] if self.broker else [])]:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for log in self.logs:
+            log.close()
+
+    def kill_broker(self) -> None:
+        assert self.broker is not None
+        os.killpg(self.broker.pid, signal.SIGKILL)
+        self.broker.wait()
+
+
+@contextlib.contextmanager
+def cluster(**kw: Any) -> Iterator[Cluster]:
+    with tempfile.TemporaryDirectory(prefix="trioq-bench-") as d:
+        c = Cluster(Path(d), **kw)
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+def _span(db: Path) -> tuple[float, float, int]:
+    """(first dispatch, last finish, completed) as recorded by the broker in its store."""
+    with sqlite3.connect(db) as conn:
+        first, last, n = conn.execute(
+            "SELECT min(started_at), max(finished_at), count(*) FROM jobs WHERE state='completed'"
+        ).fetchone()
+    return first or 0.0, last or 0.0, n
+
+
+def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, concurrency: int = 256,
+               sync: str = "full", progress: bool = False) -> dict[str, Any]:
+    """N no-op jobs submitted in batches by one producer, drained by worker processes."""
+    with cluster(workers=workers, concurrency=concurrency, sync=sync) as c:
+        c.start_broker()
+        assert c.broker is not None
+        out: dict[str, Any] = {}
+
+        async def run() -> None:
+            async with c.client() as client:
+                # Warm the workers' connections before the clock starts.
+                c.start_workers()
+                with trio.fail_after(120):
+                    # the broker is another process: poll its status, bounded by the deadline
+                    while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                cpu0 = cpu_seconds(c.broker.pid)
+                spec = JobSpec("noop", {})
+                t0 = time.time()
+                ids: list[str] = []
+                async with trio.open_nursery() as nursery:
+                    sem = trio.Semaphore(4)  # a few batches in flight, as a real producer would pipeline
+
+                    async def send(k: int) -> None:
+                        async with sem:
+                            ids.extend(await client.submit_many([spec] * k))
+
+                    sent = 0
+                    while sent < n_jobs:
+                        k = min(batch, n_jobs - sent)
+                        await sem.acquire()
+                        sem.release()
+                        nursery.start_soon(send, k)
+                        sent += k
+                t_enq = time.time()
+                with trio.fail_after(600):
+                    while True:
+                        s = await client.status()
+                        done = s["jobs"]["completed"]
+                        if progress:
+                            print(f"\r  completed {done}/{n_jobs}", end="", file=sys.stderr)
+                        if done >= n_jobs:
+                            break
+                        await trio.sleep(0.05)
+                if progress:
+                    print(file=sys.stderr)
+                cpu1 = cpu_seconds(c.broker.pid)
+                out.update(enqueue_seconds=t_enq - t0, cpu=cpu1 - cpu0, acked=len(ids))
+
+        trio.run(run)
+        c.stop()  # the broker flushes its journal at shutdown
+        first, last, completed = _span(c.db)
+        drain = last - first
+        return {
+            "system": "trioq",
+            "jobs": n_jobs,
+            "acked": out["acked"],
+            "completed": completed,
+            "enqueue_rate": n_jobs / out["enqueue_seconds"],
+            "drain_rate": completed / drain if drain > 0 else float("nan"),
+            "total_seconds": drain,
+            "broker_cpu_per_1000": out["cpu"] / n_jobs * 1000,
+            "durability": f"SQLite WAL synchronous={sync.upper()}, ACK after commit, TLS 1.3",
+        }
+
+
+def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2) -> dict[str, Any]:
+    """Idle workers; one job at a time, submit to result."""
+    with cluster(workers=workers, concurrency=4, sync=sync) as c:
+        c.start_broker()
+        samples: list[float] = []
+
+        async def run() -> None:
+            async with c.client() as client:
+                c.start_workers()
+                with trio.fail_after(120):
+                    # the broker is another process: poll its status, bounded by the deadline
+                    while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                for _ in range(50):  # warm-up
+                    await client.result(await client.submit("noop", {}))
+                for _ in range(n_jobs):
+                    t = time.perf_counter()
+                    job = await client.result(await client.submit("noop", {}))
+                    samples.append(time.perf_counter() - t)
+                    assert job.state is trioq.JobState.COMPLETED
+
+        trio.run(run)
+    samples.sort()
+
+    def pct(p: float) -> float:
+        return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] * 1000
+
+    return {
+        "system": "trioq",
+        "jobs": n_jobs,
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "max_ms": samples[-1] * 1000,
+        "durability": f"SQLite WAL synchronous={sync.upper()}, TLS 1.3",
+    }
