@@ -513,6 +513,12 @@ class Dispatcher:
     def retry_nowait(self, job: Job) -> None:
         """A dead or cancelled job (loaded from the store) gets a fresh set of attempts."""
         self.forget_finished(job)
+        for slot in self.workers.values():
+            held = slot.held.get(job.id)
+            if held is not None and held.state.terminal:
+                # Cancelled while running and not yet reported: that attempt's lease is over,
+                # or the worker would keep a slot for it and could be handed the job again.
+                del slot.held[job.id]
         job.failures = 0
         job.worker_losses = 0
         job.finished_at = None
@@ -545,8 +551,9 @@ class Dispatcher:
 
     def queued_jobs(self) -> list[Job]:
         """Every queued job in dispatch order per bucket (for tests and status)."""
-        jobs = [e[2] for b in self._buckets.values() for e in b if e[2].state is JobState.QUEUED]
-        return sorted(jobs, key=lambda j: (j.priority, j.seq))
+        # A job cancelled and retried has a stale entry beside its live one: count it once.
+        jobs = {e[2].id: e[2] for b in self._buckets.values() for e in b if e[2].state is JobState.QUEUED}
+        return sorted(jobs.values(), key=lambda j: (j.priority, j.seq))
 
     def queue_depths(self) -> dict[str, dict[int, int]]:
         out: dict[str, dict[int, int]] = {}

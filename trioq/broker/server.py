@@ -320,12 +320,13 @@ class Broker:
         for obs in self.observers:
             obs("changed", batch)
 
-    def _committed(self, jobs: Iterable[Job]) -> None:
+    def _committed(self, committed: Iterable[tuple[Job, JobState]]) -> None:
+        """After a commit: wake waiters of jobs whose committed row is final, tell listeners."""
         waiters = self._waiters
         hub = self.hub
         recent = self._recent
-        for job in jobs:
-            if job.state in TERMINAL_STATES:
+        for job, state in committed:
+            if state in TERMINAL_STATES:
                 recent[job.id] = job
                 cbs = waiters.pop(job.id, None)
                 if cbs:

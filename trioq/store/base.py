@@ -56,6 +56,14 @@ class Store(abc.ABC):
     def row(self, job: Job) -> tuple:
         """A snapshot of the job, taken on the event loop, written later."""
 
+    def update_row(self, job: Job) -> tuple:
+        """A snapshot of what can change in a job already stored (default: the whole row)."""
+        return self.row(job)
+
+    def commit_sync(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
+        """One transaction: new jobs (``row``) and changed ones (``update_row``)."""
+        self.write_sync([*inserts, *updates], tasks)
+
     @abc.abstractmethod
     def get_sync(self, job_id: str) -> Job | None: ...
 

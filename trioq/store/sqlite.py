@@ -26,6 +26,10 @@ _COLUMNS = (
     "finished_at", "worker", "result", "error", "progress", "idempotency_key", "dead_reason", "owner",
 )
 _IMMUTABLE = {"seq", "id", "task", "queue", "priority", "payload", "created_at", "idempotency_key", "owner"}
+_MUTABLE = (
+    "state", "attempts", "failures", "worker_losses", "max_attempts", "timeout", "run_at",
+    "started_at", "finished_at", "worker", "result", "error", "progress", "dead_reason",
+)
 
 #: version -> statements that bring a database from version-1 to version.
 MIGRATIONS: dict[int, list[str]] = {
@@ -55,8 +59,6 @@ MIGRATIONS: dict[int, list[str]] = {
             dead_reason TEXT,
             owner TEXT
         )""",
-        "CREATE INDEX jobs_state_seq ON jobs(state, seq)",
-        "CREATE INDEX jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL",
         "CREATE TABLE tasks (name TEXT PRIMARY KEY)",
         "CREATE TABLE paused_queues (name TEXT PRIMARY KEY)",
     ],
@@ -90,6 +92,10 @@ class SQLiteStore(Store):
         updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in _IMMUTABLE)
         self._upsert = (
             f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT(seq) DO UPDATE SET {updates}"
+        )
+        self._insert = f"INSERT INTO jobs ({cols}) VALUES ({marks})"
+        self._update = "UPDATE jobs SET {} WHERE seq=?".format(
+            ", ".join(f"{c}=?" for c in _MUTABLE)
         )
 
     def _connect(self) -> sqlite3.Connection:
@@ -164,6 +170,36 @@ class SQLiteStore(Store):
             None if prog is None else _dumps((prog.value, prog.message)),
             job.idempotency_key, job.dead_reason, job.owner,
         )
+
+    def update_row(self, job: Job) -> tuple:
+        err = job.error
+        prog = job.progress
+        return (
+            job.state, job.attempts, job.failures, job.worker_losses, job.max_attempts,
+            job.timeout, job.run_at, job.started_at, job.finished_at, job.worker,
+            None if job.result is None else _dumps(job.result),
+            None if err is None else _dumps((err.type, err.message, err.traceback, err.retryable)),
+            None if prog is None else _dumps((prog.value, prog.message)),
+            job.dead_reason, job.seq,
+        )
+
+    def commit_sync(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
+        w = self._w
+        assert w is not None, "store is not open"
+        with self._wlock:
+            w.execute("BEGIN")
+            try:
+                if inserts:
+                    w.executemany(self._insert, inserts)
+                if updates:
+                    w.executemany(self._update, updates)
+                if tasks:
+                    w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
+                w.execute("COMMIT")
+            except BaseException:
+                if w.in_transaction:
+                    w.execute("ROLLBACK")
+                raise
 
     def write_sync(self, rows: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
         w = self._w

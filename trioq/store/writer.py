@@ -57,7 +57,8 @@ class StoreWriter:
         self.failures = 0
         self.last_error: str | None = None
         self.healthy = True
-        self.on_commit: list = []  # callbacks(jobs) after each successful commit
+        #: callbacks([(job, state as committed)]) after each successful commit
+        self.on_commit: list = []
 
     async def write(self, jobs: list[Job], *, new: bool = False, tasks: Iterable[str] = ()) -> None:
         """Write and wait for the commit; StoreError if it failed (nothing of ``new`` is kept)."""
@@ -132,18 +133,26 @@ class StoreWriter:
         pending: dict[str, Job] = self._dirty
         self._dirty = {}
         tasks: set[str] = set()
+        new: set[str] = set()
         for req in batch:
+            if req.new:
+                new.update(job.id for job in req.jobs)
             for job in req.jobs:
                 pending[job.id] = job
             tasks.update(req.tasks)
         # The snapshot is taken here, on the event loop: rows are consistent.
         row = store.row
-        rows = [row(job) for job in pending.values()]
+        update_row = store.update_row
+        inserts = [row(job) for job in pending.values() if job.id in new]
+        updates = [update_row(job) for job in pending.values() if job.id not in new]
+        # What each row says, as of the snapshot: the job object may move on before the commit.
+        states = [(job, job.state) for job in pending.values()]
+        rows = inserts
         try:
             if store.inline:
-                store.write_sync(rows, sorted(tasks))
+                store.commit_sync(inserts, updates, sorted(tasks))
             else:
-                await trio.to_thread.run_sync(store.write_sync, rows, sorted(tasks))
+                await trio.to_thread.run_sync(store.commit_sync, inserts, updates, sorted(tasks))
         except Exception as exc:
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -165,10 +174,10 @@ class StoreWriter:
             log.warning("store writes succeed again")
         self.healthy = True
         self.commits += 1
-        self.rows += len(rows)
+        self.rows += len(rows) + len(updates)
         self.requests += len(batch)
         for cb in self.on_commit:
-            cb(pending.values())
+            cb(states)
         for req in batch:
             if req.done is not None:
                 req.done.set()
