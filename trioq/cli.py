@@ -156,6 +156,7 @@ def main() -> None:
 @click.option("--heartbeat-timeout", default=10.0, type=click.FloatRange(0.05, 36000), envvar="TRIOQ_HEARTBEAT_TIMEOUT", show_default=True)
 @click.option("--handshake-timeout", default=10.0, type=click.FloatRange(0.1, 600), envvar="TRIOQ_HANDSHAKE_TIMEOUT", show_default=True)
 @click.option("--lease-grace", default=5.0, type=click.FloatRange(0, 3600), envvar="TRIOQ_LEASE_GRACE", show_default=True)
+@click.option("--dispatch-mark-delay", default=0.05, type=click.FloatRange(0, 60), envvar="TRIOQ_DISPATCH_MARK_DELAY", show_default=True, help="Journal a job's RUNNING mark this long after dispatch unless it ended first; 0 journals at once.")
 @click.option("--max-frame", default=4 * 1024 * 1024, type=click.IntRange(1024, 1 << 30), envvar="TRIOQ_MAX_FRAME", show_default=True)
 @click.option("--max-batch", default=10_000, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_BATCH", show_default=True)
 @click.option("--max-payload", default=1024 * 1024, type=click.IntRange(16, 1 << 30), envvar="TRIOQ_MAX_PAYLOAD", show_default=True)
@@ -200,7 +201,8 @@ def broker(**o: Any) -> None:
         host=o["host"], port=o["port"], certs_dir=o["certs_dir"], sans=tuple(o["san"]),
         tls_min_version=o["tls_min_version"], require_client_cert=o["require_client_cert"], auth_file=auth_file,
         heartbeat_interval=o["heartbeat_interval"], heartbeat_timeout=o["heartbeat_timeout"],
-        handshake_timeout=o["handshake_timeout"], lease_grace=o["lease_grace"], max_frame=o["max_frame"],
+        handshake_timeout=o["handshake_timeout"], lease_grace=o["lease_grace"],
+        dispatch_mark_delay=o["dispatch_mark_delay"], max_frame=o["max_frame"],
         max_batch=o["max_batch"], max_payload=o["max_payload"], max_connections=o["max_connections"],
         max_queued=o["max_queued"], max_worker_losses=o["max_worker_losses"], result_ttl=o["result_ttl"],
         allow_unknown_tasks=o["allow_unknown_tasks"], tasks=tuple(o["extra_tasks"]), db=o["db"], sync=o["sync"],

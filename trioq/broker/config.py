@@ -34,6 +34,9 @@ class BrokerConfig:
     handshake_timeout: float = 10.0
     hello_timeout: float = 10.0
     lease_grace: float = 5.0
+    #: RUNNING marks are journaled this long after dispatch, unless the job ended first (then
+    #: its final row carries the attempt): most short jobs cost one row update instead of two.
+    dispatch_mark_delay: float = 0.05
     # limits
     max_frame: int = 4 * 1024 * 1024
     max_batch: int = 10_000

@@ -150,6 +150,7 @@ class Dispatcher:
         self._room = trio.Event()
         self._inbox_send, self._inbox_recv = trio.open_memory_channel[tuple](math.inf)
         self._wake_schedule = False
+        #: told of every dispatched batch (the broker journals the RUNNING marks)
         self.on_dispatch: Callable[[WorkerSlot, list[Job]], None] | None = None
         self.on_requeue: Callable[[WorkerSlot | None, list[Job], str], None] | None = None
 
@@ -341,7 +342,6 @@ class Dispatcher:
                 self.n_running += n
                 self.dispatched += n
                 sent += n
-                self.on_change(batch)
                 slot.deliver(batch)
                 if self.on_dispatch is not None:
                     self.on_dispatch(slot, batch)

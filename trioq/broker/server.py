@@ -11,7 +11,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -103,6 +103,8 @@ class Broker:
             on_change=self.journal,
         )
         self.dispatcher.on_requeue = self._log_requeue
+        self.dispatcher.on_dispatch = self._dispatched
+        self._marks: deque[tuple[float, list[Job]]] = deque()
         self.writer = StoreWriter(store)
         self.writer.on_commit.append(self._committed)
         self.hub = EventHub()
@@ -182,12 +184,34 @@ class Broker:
         )
         await nursery.start(d.run)
         nursery.start_soon(self._purge_loop)
+        nursery.start_soon(self._mark_loop)
 
     def _seed_finished(self, counts: dict[str, dict[str, int]]) -> None:
         terminal = {s.value for s in TERMINAL_STATES}
         self.dispatcher.finished = {
             (task, state): n for task, per in counts.items() for state, n in per.items() if state in terminal
         }
+
+    def _dispatched(self, slot: WorkerSlot, jobs: list[Job]) -> None:
+        if self.config.dispatch_mark_delay <= 0:
+            self.journal(jobs)
+        else:
+            self._marks.append((trio.current_time(), jobs))
+
+    async def _mark_loop(self) -> None:
+        """Journal RUNNING marks of jobs still running ``dispatch_mark_delay`` after dispatch."""
+        delay = self.config.dispatch_mark_delay
+        if delay <= 0:
+            return
+        marks = self._marks
+        while True:
+            await trio.sleep(delay)
+            cutoff = trio.current_time() - delay
+            due: list[Job] = []
+            while marks and marks[0][0] <= cutoff:
+                due.extend(job for job in marks.popleft()[1] if job.state is JobState.RUNNING)
+            if due:
+                self.journal(due)
 
     async def _purge_loop(self) -> None:
         store = self.store

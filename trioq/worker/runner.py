@@ -8,6 +8,7 @@ jobs finish for ``grace`` seconds, hands the rest back, and exits.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -335,14 +336,16 @@ class Worker:
                         d.id, d.attempt, d.task, d.queue, d.priority,
                         lambda p, d=d: self._report_progress(conn, d, p), threading.get_ident(),
                     )
-                timeout = d.timeout if d.timeout is not None else math.inf
-                with trio.fail_after(timeout):
-                    if info.is_async:
-                        value = await info.fn(*args, **kwargs)
-                    else:
-                        value = await trio.to_thread.run_sync(
-                            lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter
-                        )
+                if d.timeout is None and info.is_async:
+                    value = await info.fn(*args, **kwargs)  # the common case, without extra scopes
+                else:
+                    with trio.fail_after(d.timeout if d.timeout is not None else math.inf):
+                        if info.is_async:
+                            value = await info.fn(*args, **kwargs)
+                        else:
+                            value = await trio.to_thread.run_sync(
+                                lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter
+                            )
                 outcome = Outcome(d.id, d.attempt, True, _jsonable(value))
             except trio.TooSlowError:
                 outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
@@ -378,8 +381,30 @@ class InvalidPayload(Fatal):
     pass
 
 
+_SHAPES: dict[Any, tuple[frozenset[str], frozenset[str], bool]] = {}
+
+
+def _shape(info: Any) -> tuple[frozenset[str], frozenset[str], bool]:
+    """(parameter names, required names, takes **kwargs) of a task, computed once."""
+    shape = _SHAPES.get(info)
+    if shape is None:
+        params = info.signature.parameters
+        names = frozenset(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "ctx")
+        required = frozenset(
+            n for n in names if params[n].default is inspect.Parameter.empty
+        )
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        shape = _SHAPES[info] = (names, required, var_kw)
+    return shape
+
+
 def _bind(info: Any, payload: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Payload dict -> keyword arguments (the old {"data": ...} style), else one argument."""
+    if type(payload) is dict and "ctx" not in payload:
+        names, required, var_kw = _shape(info)
+        keys = payload.keys()
+        if (var_kw or keys <= names) and required <= keys:
+            return (), dict(payload)
     if isinstance(payload, dict):
         args: tuple[Any, ...] = ()
         kwargs = dict(payload)
