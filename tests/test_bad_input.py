@@ -159,10 +159,10 @@ async def test_worker_cannot_submit_and_producer_cannot_report(nursery, certs, h
     w.send_nowait(Hello(PROTOCOL_VERSION, "worker", "w", None, 1, ["noop"], ["default"]))
     assert isinstance(await w.receive(), Welcome)
     w.send_nowait(Submit(1, [JobSpec("noop", {})]))
-    await expect_fatal(w, ErrorCode.UNEXPECTED)
+    await expect_fatal(w, ErrorCode.FORBIDDEN)
     p = await raw_session(nursery, handle.port, certs)
     p.send_nowait(Result([Outcome("x", 1, True)]))
-    await expect_fatal(p, ErrorCode.UNEXPECTED)
+    await expect_fatal(p, ErrorCode.FORBIDDEN)
 
 
 async def test_result_for_a_job_the_worker_does_not_hold_is_refused(nursery, certs, handle):

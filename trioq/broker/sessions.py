@@ -45,6 +45,7 @@ from ..protocol.messages import (
     StatusRequest,
     Submit,
     WaitJob,
+    Welcome,
 )
 from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, WorkerSlot
 
@@ -131,7 +132,8 @@ class ProducerSession(Session):
         req = getattr(msg, "req", None)
         handler = self._handlers.get(type(msg))
         if handler is None:
-            raise ProtocolError(ErrorCode.UNEXPECTED, f"a {self.role} session cannot send {msg.TYPE!r}")
+            code = ErrorCode.UNEXPECTED if isinstance(msg, (Hello, Welcome)) else ErrorCode.FORBIDDEN
+            raise ProtocolError(code, f"a {self.role} session cannot send {msg.TYPE!r}")
         if type(msg) in (RetryJob, DiscardJob) and self.role != "admin" and not self.broker.auth.open:
             self.refuse(ErrorCode.FORBIDDEN, f"{msg.TYPE} needs the admin role", req)
             return
@@ -372,7 +374,8 @@ class WorkerSession(Session):
             self.broker.dispatcher.post(CALL, self.broker.dispatcher.drain_nowait, self.slot)
             self.broker.publish_worker(self.slot, "updated")
         else:
-            raise ProtocolError(ErrorCode.UNEXPECTED, f"a worker session cannot send {msg.TYPE!r}")
+            code = ErrorCode.UNEXPECTED if isinstance(msg, (Hello, Welcome)) else ErrorCode.FORBIDDEN
+            raise ProtocolError(code, f"a worker session cannot send {msg.TYPE!r}")
 
     def _results(self, msg: Result) -> None:
         dispatcher = self.broker.dispatcher
