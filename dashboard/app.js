@@ -137,6 +137,12 @@
     return d.getFullYear() + '-' + pad2(d.getMonth() + 1) + '-' + pad2(d.getDate()) + ' ' +
       pad2(d.getHours()) + ':' + pad2(d.getMinutes()) + ':' + pad2(d.getSeconds()) + '  (' + fmtAgoOrIn(ts) + ')';
   }
+  function fmtStamp(ts) {
+    if (!isNum(ts)) return '';
+    var d = new Date(ts * 1000);
+    return d.getFullYear() + '-' + pad2(d.getMonth() + 1) + '-' + pad2(d.getDate()) + ' ' +
+      pad2(d.getHours()) + ':' + pad2(d.getMinutes()) + ':' + pad2(d.getSeconds());
+  }
   function fmtAgoOrIn(ts) {
     var d = ts - nowS();
     if (Math.abs(d) < 1.5) return 'now';
@@ -368,7 +374,7 @@
     lastFetch.stats = Date.now();
     var w = s.workers || {}, j = s.jobs || {};
     setCard('queue_size', s.queue_size, isNum(j.scheduled) ? '+' + j.scheduled + ' scheduled' : '');
-    setCard('workers', w.total, countStatuses());
+    setCard('workers', w.total, workersSub());
     setCard('idle', w.idle, w.total ? Math.round(100 * (w.idle || 0) / w.total) + '% of workers' : '');
     setCard('busy', w.busy, w.total ? Math.round(100 * (w.busy || 0) / w.total) + '% utilised' : '');
     var r = recentRates();
@@ -377,6 +383,10 @@
     setCard('requeued', s.requeued, isNum(j.cancelled) ? j.cancelled + ' cancelled' : '');
     setCard('total', s.total, isNum(s.submitted_total) ? fmtCompact(s.submitted_total) + ' submitted' : '');
     $('uptime').textContent = isNum(s.uptime) ? 'up ' + fmtAge(s.uptime) : '';
+    var sb = $('store-badge');
+    var unhealthy = s.store && s.store.healthy === false;
+    sb.hidden = !unhealthy;
+    if (unhealthy) sb.title = 'Job store is failing: ' + (s.store.description || '');
     var dc = $('dead-count');
     var dtxt = isNum(j.dead) && j.dead > 0 ? fmtCompact(j.dead) : '';
     if (dc.textContent !== dtxt) dc.textContent = dtxt;
@@ -398,6 +408,12 @@
     return { completed: c / pts.length, failed: f / pts.length };
   }
 
+  function workersSub() {
+    var w = (state.stats && state.stats.workers) || {};
+    var st = countStatuses();
+    if (isNum(w.capacity)) return joinSub(w.capacity + ' slots' + (isNum(w.free) ? ', ' + w.free + ' free' : ''), st === 'all active' ? '' : st);
+    return st;
+  }
   function countStatuses() {
     var c = { quiet: 0, stopping: 0 };
     state.workers.forEach(function (w) { if (c[w.status] !== undefined) c[w.status]++; });
@@ -425,8 +441,8 @@
     var tls = !!(sec && sec.tls);
     badge.setAttribute('data-tls', tls ? 'true' : 'false');
     if (tls) {
-      var v = String(sec.tls_version || '').replace(/^TLSv?/i, '').trim();
-      badge.textContent = 'TLS' + (v ? ' ' + v : '');
+      var m = /(\d+(?:\.\d+)?)/.exec(String(sec.tls_version || ''));
+      badge.textContent = 'TLS' + (m ? ' ' + m[1] : '');
       badge.className = 'badge badge-ok';
       badge.title = 'Broker connections are encrypted (' + (sec.tls_version || 'TLS') + ')';
     } else {
@@ -456,6 +472,13 @@
     } else set('not_after', '–');
     set('sans', cert && cert.sans && cert.sans.length ? cert.sans.join(', ') : '–');
     set('port', sec && sec.port != null ? String(sec.port) : '–');
+    var httpTxt = '–';
+    if (sec && (sec.http_port != null || sec.http_tls != null)) {
+      httpTxt = (sec.http_tls ? 'HTTPS' : 'HTTP') + (sec.http_port != null ? ' on port ' + sec.http_port : '');
+    } else if (typeof location !== 'undefined') {
+      httpTxt = location.protocol === 'https:' ? 'HTTPS' : 'HTTP';
+    }
+    set('http', httpTxt, sec && sec.http_tls === false ? 'warn' : '');
     set('client_auth', sec && sec.client_auth != null ? String(sec.client_auth) : '–');
   }
 
@@ -499,7 +522,7 @@
     body.appendChild(frag);
     $('workers-empty').hidden = list.length > 0;
     $('workers-count').textContent = list.length ? String(list.length) : '';
-    if (state.stats) setCard('workers', (state.stats.workers || {}).total, countStatuses());
+    if (state.stats) setCard('workers', (state.stats.workers || {}).total, workersSub());
   }
 
   function fillWorkerRow(tr, w) {
@@ -523,7 +546,9 @@
       h('td', { title: 'id: ' + w.id + (isNum(w.connected_at) ? '\nconnected ' + fmtFull(w.connected_at) : '') },
         h('div', { class: 'wname', text: String(w.name || w.id) }),
         h('div', { class: 'sub mono', 'data-field': 'address', text: String(w.address || '—') })),
-      h('td', null, h('span', { class: 'pill pill-' + status, 'data-testid': 'worker-status' }, h('i', { class: 'sdot s-' + status }), String(w.status || 'unknown'))),
+      h('td', null, h('span', { class: 'pill pill-' + status, 'data-testid': 'worker-status' }, h('i', { class: 'sdot s-' + status }), String(w.status || 'unknown')),
+        isNum(w.completed) || isNum(w.failed) ? h('div', { class: 'sub', title: 'jobs completed / failed on this worker' },
+          fmtCompact(w.completed || 0) + ' done' + (w.failed ? ' · ' + fmtCompact(w.failed) + ' failed' : '')) : null),
       jobCell,
       h('td', { class: 'num' }, (jobs.length + '/' + (isNum(w.concurrency) ? w.concurrency : '?'))),
       h('td', { class: 'trunc', title: taskTxt + (queues ? '\n' + queues : '') }, h('span', { text: taskTxt })),
@@ -713,7 +738,7 @@
     var barW = Math.max(40, W - labelW - numW - 8);
     var max = 0;
     shown.forEach(function (t) { max = Math.max(max, t.total || 0); });
-    var segs = ['completed', 'running', 'queued', 'dead'];
+    var segs = ['completed', 'running', 'queued', 'dead', 'cancelled'];
     var out = '';
     shown.forEach(function (t, i) {
       var y = i * rowH;
@@ -888,7 +913,11 @@
   }
 
   function renderThroughputLegend(vis) {
-    var last = vis.length ? vis[vis.length - 1] : null;
+    // latency: the newest second that had completions (idle seconds carry null)
+    function lastVal(key) {
+      for (var i = vis.length - 1; i >= 0 && i >= vis.length - 30; i--) if (isNum(vis[i][key])) return vis[i][key];
+      return null;
+    }
     // average over last 10 s for a steadier headline
     var tail = vis.slice(-10);
     function avg(key) {
@@ -900,8 +929,8 @@
       ['completed', fmtRate(avg('completed')) + '/s'],
       ['failed', fmtRate(avg('failed')) + '/s'],
       ['submitted', fmtRate(avg('submitted')) + '/s'],
-      ['p50', last ? fmtMs(last.latency_p50_ms) : '–'],
-      ['p99', last ? fmtMs(last.latency_p99_ms) : '–']
+      ['p50', fmtMs(lastVal('latency_p50_ms'))],
+      ['p99', fmtMs(lastVal('latency_p99_ms'))]
     ];
     $('throughput-legend').innerHTML = items.map(function (it) {
       var sr = SERIES[it[0]];
@@ -988,8 +1017,10 @@
     if (f.queue && job.queue !== f.queue) return false;
     return true;
   }
-  // a is newer than b (list order: created_at desc, then id desc)
+  // a is newer than b. The server lists newest first by `seq` (assigned at acceptance);
+  // created_at (then id) is the fallback when an object carries no seq.
   function newer(a, b) {
+    if (isNum(a.seq) && isNum(b.seq)) return a.seq > b.seq;
     var ta = isNum(a.created_at) ? a.created_at : 0, tb = isNum(b.created_at) ? b.created_at : 0;
     if (ta !== tb) return ta > tb;
     return String(a.id) > String(b.id);
@@ -1058,6 +1089,7 @@
   function makeRow(job) {
     var tr = document.createElement('tr');
     tr.setAttribute('data-job-id', String(job.id));
+    tr.tabIndex = 0;
     fillJobRow(tr, job);
     if (log.selected === String(job.id)) tr.classList.add('selected');
     return tr;
@@ -1093,32 +1125,60 @@
     return td;
   }
 
-  function fillJobRow(tr, job) {
+  // Cells are keyed: an update rebuilds only the cells whose content changed, so a burst
+  // of state changes dirties few nodes (cheap style/layout on a 300-row table).
+  function jobCells(job) {
     var id = String(job.id);
-    tr.setAttribute('data-state', String(job.state || ''));
+    var p = isNum(job.priority) ? job.priority : null;
+    var pct = job.state === 'running' ? progressPct(job.progress) : null;
     var dur = '';
     if (isNum(job.started_at)) dur = fmtDuration((isNum(job.finished_at) ? job.finished_at : (job.state === 'running' ? nowS() : job.started_at)) - job.started_at);
-    var p = isNum(job.priority) ? job.priority : null;
-    var actions = h('td', { class: 'c-act actions' });
-    if (job.state === 'dead' && log.tab === 'dead') {
-      actions.appendChild(h('button', { type: 'button', class: 'btn btn-xs', 'data-action': 'retry', 'data-testid': 'row-retry' }, 'Retry'));
-      actions.appendChild(h('button', { type: 'button', class: 'btn btn-xs btn-danger', 'data-action': 'discard', 'data-testid': 'row-discard' }, 'Discard'));
+    var resKey = job.state + '|' + (job.error ? (job.error.type || '') + ':' + (job.error.message || '') : '') + '|' +
+      (job.state === 'completed' ? compactJson(job.result, 100) : job.state === 'running' && job.progress ? String(job.progress.message || '') : job.state === 'scheduled' ? String(job.run_at) : '');
+    var showActions = job.state === 'dead' && log.tab === 'dead';
+    return [
+      [id, function () { return h('td', { class: 'c-id' }, h('code', { title: id, text: shortId(id) })); }],
+      [String(job.task), function () { return h('td', { class: 'c-task', title: String(job.task || '') }, String(job.task || '—')); }],
+      [String(job.queue), function () { return h('td', { class: 'c-queue muted', title: String(job.queue || '') }, String(job.queue || '—')); }],
+      [String(p), function () { return h('td', { class: 'c-pri num' }, h('span', { class: 'prio prio-' + p, text: p === null ? '—' : 'P' + p })); }],
+      [job.state + '|' + (pct === null ? '' : Math.round(pct)) + '|' + job.attempts + '|' + job.max_attempts + '|' + job.failures, function () {
+        var att = isNum(job.attempts) ? 'attempt ' + job.attempts + (isNum(job.max_attempts) ? ' of ' + job.max_attempts : '') + (isNum(job.failures) && job.failures ? ', ' + job.failures + ' failure' + (job.failures === 1 ? '' : 's') : '') : '';
+        var td = h('td', { class: 'c-status', title: att }, statusPill(job));
+        if (isNum(job.attempts) && job.attempts > 1) td.appendChild(h('span', { class: 'att', text: '×' + job.attempts }));
+        return td;
+      }],
+      [String(job.worker) + '|' + (job.worker ? workerLabel(job.worker) : ''), function () {
+        return h('td', { class: 'c-worker muted', title: job.worker ? String(job.worker) : '' }, job.worker ? workerLabel(job.worker) : '—');
+      }],
+      [resKey, function () { return resultCell(job); }],
+      [String(job.created_at), function () { return h('td', { class: 'c-time muted', title: fmtStamp(job.created_at) }, fmtClock(job.created_at)); }],
+      [dur, function () { return h('td', { class: 'c-dur num muted' }, dur || '—'); }],
+      [showActions ? 'a' : '', function () {
+        var td = h('td', { class: 'c-act actions' });
+        if (showActions) {
+          td.appendChild(h('button', { type: 'button', class: 'btn btn-xs', 'data-action': 'retry', 'data-testid': 'row-retry' }, 'Retry'));
+          td.appendChild(h('button', { type: 'button', class: 'btn btn-xs btn-danger', 'data-action': 'discard', 'data-testid': 'row-discard' }, 'Discard'));
+        }
+        return td;
+      }]
+    ];
+  }
+
+  function fillJobRow(tr, job) {
+    var st = String(job.state || '');
+    if (tr.getAttribute('data-state') !== st) tr.setAttribute('data-state', st);
+    var cells = jobCells(job);
+    var existing = tr.cells;
+    if (existing.length !== cells.length) {
+      tr.replaceChildren.apply(tr, cells.map(function (c) { var td = c[1](); td._k = c[0]; return td; }));
+      return;
     }
-    var att = isNum(job.attempts) ? 'attempt ' + job.attempts + (isNum(job.max_attempts) ? ' of ' + job.max_attempts : '') + (isNum(job.failures) && job.failures ? ', ' + job.failures + ' failure' + (job.failures === 1 ? '' : 's') : '') : '';
-    var statusTd = h('td', { class: 'c-status', title: att }, statusPill(job));
-    if (isNum(job.attempts) && job.attempts > 1) statusTd.appendChild(h('span', { class: 'att', text: '×' + job.attempts }));
-    tr.replaceChildren(
-      h('td', { class: 'c-id' }, h('code', { title: id, text: shortId(id) })),
-      h('td', { class: 'c-task', title: String(job.task || '') }, String(job.task || '—')),
-      h('td', { class: 'c-queue muted', title: String(job.queue || '') }, String(job.queue || '—')),
-      h('td', { class: 'c-pri num' }, h('span', { class: 'prio prio-' + p, text: p === null ? '—' : 'P' + p })),
-      statusTd,
-      h('td', { class: 'c-worker muted', title: job.worker ? String(job.worker) : '' }, job.worker ? workerLabel(job.worker) : '—'),
-      resultCell(job),
-      h('td', { class: 'c-time muted', title: fmtFull(job.created_at) }, fmtClock(job.created_at)),
-      h('td', { class: 'c-dur num muted' }, dur || '—'),
-      actions
-    );
+    for (var i = 0; i < cells.length; i++) {
+      if (existing[i]._k === cells[i][0]) continue;
+      var td = cells[i][1]();
+      td._k = cells[i][0];
+      tr.replaceChild(td, existing[i]);
+    }
   }
 
   function updateRow(id, job) {
@@ -1126,11 +1186,16 @@
     if (!tr) return;
     var prevState = tr.getAttribute('data-state');
     fillJobRow(tr, job);
-    if (prevState !== job.state) {
-      tr.classList.remove('flash');
-      void tr.offsetWidth; // restart animation
-      tr.classList.add('flash');
-    }
+    if (prevState !== job.state) pulse(tr, 'rgba(76,154,255,0.16)');
+  }
+
+  // Brief highlight of a changed/new row. Web Animations: no forced reflow, and a
+  // per-batch budget so a burst of events does not animate hundreds of rows.
+  var animBudget = 40;
+  function pulse(tr, color) {
+    if (animBudget <= 0 || typeof tr.animate !== 'function') return;
+    animBudget--;
+    tr.animate([{ backgroundColor: color }, { backgroundColor: 'rgba(0,0,0,0)' }], { duration: 900, easing: 'ease-out' });
   }
 
   function mergeJob(prev, ev) {
@@ -1187,11 +1252,11 @@
     log.jobs.set(id, job);
     ids.splice(pos, 0, id);
     var tr = makeRow(job);
-    if (!quiet) tr.classList.add('fresh');
     log.rows.set(id, tr);
     var body = $('job-log-body');
     var before = pos + 1 < ids.length ? log.rows.get(ids[pos + 1]) : null;
     body.insertBefore(tr, before);
+    if (!quiet) pulse(tr, 'rgba(63,185,80,0.13)');
     if (ids.length > MAX_ROWS) trimBottom();
     updateEmpty();
   }
@@ -1318,12 +1383,17 @@
     var id = String(ev.id);
     var prev = jobEventQueue.get(id);
     jobEventQueue.set(id, prev ? mergeJob(prev, ev) : ev);
-    if (!jobFlushTimer) jobFlushTimer = setTimeout(flushJobEvents, 80);
+    if (!jobFlushTimer) jobFlushTimer = setTimeout(flushJobEvents, flushDelay);
   }
+  // Busy brokers: flush less often (bigger, coalesced batches) to keep the page light.
+  var flushDelay = 80;
   function flushJobEvents() {
     jobFlushTimer = null;
+    animBudget = 40;
     var batch = Array.from(jobEventQueue.values());
     jobEventQueue.clear();
+    flushDelay = batch.length > 250 ? 1000 : batch.length > 100 ? 600 : batch.length > 25 ? 300 : 80;
+    if (batch.length > 25) animBudget = 0;
     // insert oldest first so the newest ends on top
     batch.sort(function (a, b) { return newer(a, b) ? 1 : newer(b, a) ? -1 : 0; });
     batch.forEach(applyJobEvent);
@@ -1378,6 +1448,8 @@
     panel.hidden = false;
     panel.setAttribute('data-job-id', id);
     $('drawer-backdrop').hidden = false;
+    detail.returnFocus = document.activeElement;
+    setTimeout(function () { if (detail.id === id) $('detail-close').focus({ preventScroll: true }); }, 0);
     renderDetail();
     refreshDetail();
   }
@@ -1389,6 +1461,8 @@
     if (log.selected && log.rows.get(log.selected)) log.rows.get(log.selected).classList.remove('selected');
     log.selected = null;
     detail.id = null; detail.job = null; detail.gen++;
+    var rf = detail.returnFocus; detail.returnFocus = null;
+    if (rf && rf.isConnected && typeof rf.focus === 'function') rf.focus({ preventScroll: true });
   }
 
   function refreshDetail() {
@@ -1444,13 +1518,16 @@
     add('Task', job.task, 'task');
     add('Queue', job.queue, 'queue');
     add('Priority', isNum(job.priority) ? 'P' + job.priority : '—', 'priority');
-    add('Attempts', (isNum(job.attempts) ? job.attempts : '—') + (isNum(job.max_attempts) ? ' of ' + job.max_attempts : '') + (isNum(job.failures) ? ' · ' + job.failures + ' failure' + (job.failures === 1 ? '' : 's') : ''), 'attempts');
+    add('Attempts', (isNum(job.attempts) ? job.attempts : '—') + (isNum(job.max_attempts) ? ' of ' + job.max_attempts : '') + (isNum(job.failures) && job.failures ? ' · ' + job.failures + ' failure' + (job.failures === 1 ? '' : 's') : ''), 'attempts');
     add('Worker', job.worker ? workerLabel(job.worker) + (workerLabel(job.worker) !== String(job.worker) ? ' (' + job.worker + ')' : '') : '—', 'worker');
     add('Created', fmtFull(job.created_at), 'created_at');
     if (isNum(job.run_at)) add('Run at', fmtFull(job.run_at), 'run_at');
     add('Started', isNum(job.started_at) ? fmtFull(job.started_at) : '—', 'started_at');
     add('Finished', isNum(job.finished_at) ? fmtFull(job.finished_at) : '—', 'finished_at');
     if (isNum(job.started_at)) add('Duration', fmtDuration((isNum(job.finished_at) ? job.finished_at : nowS()) - job.started_at), 'duration');
+    if (job.dead_reason) add('Dead reason', String(job.dead_reason), 'dead_reason');
+    if (isNum(job.worker_losses) && job.worker_losses) add('Worker losses', String(job.worker_losses), 'worker_losses');
+    if (job.idempotency_key) add('Idempotency', String(job.idempotency_key), 'idempotency_key');
     add('Timeout', isNum(job.timeout) ? fmtDuration(job.timeout) : (job.timeout == null ? 'none' : String(job.timeout)), 'timeout');
     var parts = [kv];
     if (job.progress) {
@@ -1539,10 +1616,10 @@
     if (errors.length) { setSubmitResult('err', errors.join(' ')); return; }
     var body = {
       task: task,
-      payload: pl.value,
       priority: pr.value === undefined ? 5 : pr.value,
       queue: $('submit-queue').value.trim() || 'default'
     };
+    if ($('submit-payload').value.trim() !== '') body.payload = pl.value;
     if (dl.value !== undefined) body.delay = dl.value;
     if (ma.value !== undefined) body.max_attempts = ma.value;
     if (to.value !== undefined) body.timeout = to.value;
@@ -1553,7 +1630,7 @@
       var id = data && (data.id != null ? data.id : data.job && data.job.id);
       var link = h('a', { 'data-testid': 'submit-job-id', 'data-job-id': String(id), title: 'Open job ' + id, text: String(id) });
       link.addEventListener('click', function () { openDetail(id); });
-      setSubmitResult('ok', h('span', null, '✓ Submitted job ', link));
+      setSubmitResult('ok', h('span', null, data && data.existing ? '✓ Already submitted (idempotency key): job ' : '✓ Submitted job ', link));
       $('submit-result').setAttribute('data-job-id', String(id));
       if (data && data.job && data.job.id != null) queueJobEvent(data.job);
       refreshTasksSoon(); refreshQueuesSoon();
@@ -1573,6 +1650,18 @@
     el.querySelector('.conn-label').textContent = label;
   }
 
+  var readyWaiters = [];
+  function whenStreamReady(fn) {
+    if (stream.everOpen) { fn(); return; }
+    readyWaiters.push(fn);
+    // don't keep the page empty if the stream cannot be opened
+    setTimeout(flushReady, 2500);
+  }
+  function flushReady() {
+    var w = readyWaiters; readyWaiters = [];
+    w.forEach(function (fn) { fn(); });
+  }
+
   function connect() {
     clearTimeout(stream.retryTimer);
     if (stream.es) { try { stream.es.close(); } catch (e) { /* ignore */ } }
@@ -1587,6 +1676,7 @@
       stream.everOpen = true; stream.hadError = false; stream.retryMs = 1000;
       stream.lastMsg = Date.now();
       setConn('live', 'Live');
+      flushReady();
       if (wasDown) resyncAll();
     };
     es.onerror = function () {
@@ -1639,7 +1729,7 @@
       var ts = parseFloat(el.getAttribute('data-ts'));
       var txt = isNaN(ts) ? '–' : fmtAgo(ts);
       if (el.textContent !== txt) el.textContent = txt;
-      var stale = !isNaN(ts) && now - ts > 15;
+      var stale = !isNaN(ts) && now - ts > 30;
       el.style.color = stale ? 'var(--amber)' : '';
     });
     var since = Math.max(0, now - state.queuesFetchedAt);
@@ -1688,20 +1778,19 @@
     updateTokenButton();
     $('jobs-panel').setAttribute('data-view', 'all');
 
-    // stream first, so nothing is missed while the initial snapshot loads
+    // The stream is opened first and the job list / workers snapshots are taken once it is
+    // open, so no change falls between a snapshot and the subscription (events that arrive
+    // while a snapshot loads are buffered and replayed on top of it).
     connect();
-    Promise.all([loadStats(), loadSecurity(), loadWorkers(), loadQueues(), loadTasks(), loadTimeseries()]).then(function () {
-      renderStatusChart();
-    });
-    resetJobs();
+    loadStats(); loadSecurity(); loadQueues(); loadTasks(); loadTimeseries();
+    whenStreamReady(function () { loadWorkers(); resetJobs(); });
 
     // job log
     $('job-log-body').addEventListener('click', onJobLogClick);
-    $('job-log-body').addEventListener('animationend', function (e) {
-      var tr = e.target.closest && e.target.closest('tr');
-      if (!tr || e.target.cellIndex !== 0) return;
-      if (e.animationName === 'freshbar') tr.classList.remove('fresh');
-      else if (e.animationName === 'flash') tr.classList.remove('flash');
+    $('job-log-body').addEventListener('keydown', function (e) {
+      if (e.key !== 'Enter' || e.target.tagName !== 'TR') return;
+      e.preventDefault();
+      openDetail(e.target.getAttribute('data-job-id'));
     });
     $('load-more').addEventListener('click', loadMore);
     $('back-to-newest').addEventListener('click', function () { resetJobs(); $('job-log-wrap').scrollTop = 0; });
