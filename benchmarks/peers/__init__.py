@@ -212,7 +212,7 @@ TRIOQ = PeerSpec(
     name="trioq",
     module="benchmarks.peers.trioq_peer",
     requires=("benchmarks.trioq_bench",),
-    distributions=("trio",),
+    distributions=("trioq", "trio"),
     server=None,
     durability="(reported by benchmarks.trioq_bench)",
     enqueue_api="(see benchmarks.trioq_bench)",
@@ -651,6 +651,9 @@ class Driver(abc.ABC):
     def call(self, index: int, timeout: float) -> Sequence[int]:
         """Submit latency job ``index``, wait for its result and return it (``[index, pid]``)."""
 
+    def settle(self) -> None:  # noqa: B027 - optional hook
+        """Untimed clean-up after each latency sample (e.g. deleting a reply)."""
+
     def worker_argv(self, phase: Phase, index: int) -> list[str]:
         """Command line of worker process number ``index`` for ``phase``."""
         options = f"--url {self.url} --phase {phase} --index {index}".split()
@@ -806,6 +809,7 @@ def _latency(
         warmup = 0
         while warmup < MIN_WARMUP or (len(seen) < workers and warmup < MAX_WARMUP):
             seen.add(call(-1 - warmup))
+            driver.settle()
             warmup += 1
             progress.update(f"latency: warm-up {warmup}, {len(seen)}/{workers} workers answered")
 
@@ -815,6 +819,7 @@ def _latency(
             begin = time.perf_counter()
             pid = call(index)
             samples.append(time.perf_counter() - begin)
+            driver.settle()
             pids.add(pid)
             progress.update(f"latency: {index + 1}/{jobs}")
     finally:

