@@ -281,15 +281,23 @@ def add_trioq_ratios(rows: list[dict[str, Any]]) -> None:
         }
 
 
+def _complete(row: dict[str, Any]) -> bool:
+    """Whether the row's throughput run completed every job it enqueued."""
+    tp = row.get("throughput") or {}
+    return bool(tp.get("completed") == tp.get("jobs"))
+
+
 def best_of(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One row from repeated runs of a peer: the throughput with the highest drain rate and
     the latency with the lowest p50 (the runs least disturbed by other work), plus a summary
     of every run under ``runs``."""
     row = dict(runs[0])
-    failed = [r for r in runs if r["status"] != "ok"]
+    failed = [(n, r) for n, r in enumerate(runs, 1) if r["status"] != "ok"]
     if failed:
-        row["status"], row["error"] = failed[0]["status"], failed[0]["error"]
-    with_tp = [r for r in runs if _ok_number(r, "throughput", "drain_rate")]
+        n, first = failed[0]
+        prefix = f"run {n}/{len(runs)}: " if len(runs) > 1 else ""
+        row["status"], row["error"] = first["status"], prefix + str(first["error"])
+    with_tp = [r for r in runs if _ok_number(r, "throughput", "drain_rate") and _complete(r)]
     with_lat = [r for r in runs if _ok_number(r, "latency", "p50_ms")]
     if with_tp:
         row["throughput"] = max(with_tp, key=lambda r: r["throughput"]["drain_rate"])["throughput"]
