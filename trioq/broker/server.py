@@ -112,6 +112,7 @@ class Broker:
         self.default_max_attempts = DEFAULT_MAX_ATTEMPTS
         self.worker_sessions: dict[str, WorkerSession] = {}
         self._waiters: dict[str, list[Callable[[Job], None]]] = {}
+        self._retrying: set[str] = set()  # job ids with a retry request in progress
         #: jobs whose final state was committed lately: answers waits without a store read,
         #: and closes the race between a store read and the commit that ends the job
         self._recent: OrderedDict[str, Job] = OrderedDict()
@@ -531,12 +532,23 @@ class Broker:
         return cancelled
 
     async def retry_job(self, job_id: str) -> Job:
-        job = await self.get_job(job_id)
-        if job is None:
-            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
-        if job.state not in (JobState.DEAD, JobState.CANCELLED):
-            raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
-        await self._call(self.dispatcher.retry_nowait, job)
+        # Two retries of one job at once would both see it dead (a store read can be older
+        # than the first retry, even than the run that followed it) and put it in line twice.
+        if job_id in self._retrying:
+            raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} is being retried already")
+        self._retrying.add(job_id)
+        try:
+            job = await self.get_job(job_id)
+            if job is None:
+                raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
+            if job.state not in (JobState.DEAD, JobState.CANCELLED):
+                raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
+            await self._call(self.dispatcher.retry_nowait, job)
+            # Answer once the retry is committed: until then the store still says dead, and a
+            # wait on the job could read that and end at once, even after the job has run.
+            await self.writer.write([job])
+        finally:
+            self._retrying.discard(job_id)
         log.info("job %s retried by request", job_id)
         return job
 
