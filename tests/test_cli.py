@@ -1,0 +1,248 @@
+"""The ``trioq`` command as a user runs it: real subprocesses against a real broker process.
+
+One broker (``trioq broker --workers 1 --concurrency 1``, so with one supervised
+local worker) serves the whole module; each test waits for its own jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from click.testing import CliRunner
+
+from trioq.cli import main
+
+from .procs import free_port
+
+pytestmark = pytest.mark.slow
+
+UNKNOWN = "0123456789abcdef"
+
+
+class BrokerProcess:
+    """A ``trioq broker`` child whose stderr lines are collected by a thread."""
+
+    def __init__(self, args: list[str], cwd) -> None:
+        self.cwd = cwd
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trioq", *args], cwd=cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, *, after: int = 0, within: float = 30.0) -> tuple[re.Match[str], int]:
+        """The first line from index ``after`` on that matches, and its index (readiness by log line)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + within
+        i = after
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    m = rx.search(self.lines[i])
+                    if m:
+                        return m, i
+                    i += 1
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"broker exited ({self.proc.returncode}):\n" + "\n".join(self.lines[-30:]))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line matching {pattern!r} within {within}s:\n" + "\n".join(self.lines[-30:]))
+                self._cond.wait(left)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    b = BrokerProcess(
+        ["broker", "--port", str(port), "--no-http", "--db", str(cwd / "q.db"), "--workers", "1",
+         "--concurrency", "1", "--heartbeat-interval", "0.5", "--heartbeat-timeout", "5"],
+        cwd,
+    )
+    b.port = port
+    try:
+        b.wait_for(r"broker listening on 127\.0\.0\.1:\d+")
+        b.wait_for(r"worker local-1 joined")
+        yield b
+    finally:
+        b.stop()
+
+
+def trioq_cmd(broker: BrokerProcess, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trioq", *args, "--broker", f"127.0.0.1:{broker.port}"],
+        cwd=broker.cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+def job_json(broker: BrokerProcess, job_id: str) -> tuple[dict, str]:
+    r = trioq_cmd(broker, "job", job_id)
+    assert r.returncode == 0, r.stderr
+    head, _, tb = r.stdout.partition("traceback:\n")
+    return json.loads(head), tb
+
+
+def test_submit_wait_prints_the_result(broker):
+    r = trioq_cmd(broker, "submit", "reverse_string", "--payload", '{"data":"abc"}', "--wait")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "cba\n"
+
+
+def test_result_wait_returns_as_soon_as_the_job_ends(broker):
+    r = trioq_cmd(broker, "submit", "slow_task", "--payload", '{"seconds": 3}')
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", job_id)
+    t0 = time.time()
+    r = trioq_cmd(broker, "result", job_id, "--wait", "--timeout", "30")
+    t1 = time.time()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "slept 3s\n"
+    job, _ = job_json(broker, job_id)
+    assert job["state"] == "completed"
+    assert job["finished_at"] > t0  # it did wait for the job...
+    assert t1 - job["finished_at"] < 1.0  # ...and came back right after it ended
+
+
+def test_status_and_jobs(broker):
+    r = trioq_cmd(broker, "submit", "to_uppercase", "--payload", '{"data":"x"}', "--count", "6", "--wait")
+    assert r.returncode == 0, r.stderr
+    assert "6 completed, 0 not completed" in r.stdout
+    r = trioq_cmd(broker, "status")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^workers\s+1 \(", r.stdout, re.M)
+    assert re.search(r"^queue size\s+\d+", r.stdout, re.M)
+    completed = int(re.search(r"completed (\d+)", r.stdout).group(1))
+    assert completed >= 6
+    assert "store: sqlite" in r.stdout
+    r = trioq_cmd(broker, "jobs", "--state", "completed", "--limit", "5")
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "TASK", "PRI", "STATE"]
+    assert len(rows) == 5
+    assert all(row.split()[3] == "completed" for row in rows)
+    assert all(row.split()[1] == "to_uppercase" and '"X"' in row for row in rows)  # newest first
+
+
+def test_failed_job_details_retry_and_discard(broker):
+    r = trioq_cmd(broker, "submit", "fibonacci", "--payload", '{"n": -1}', "--max-attempts", "1", "--wait")
+    assert r.returncode == 4
+    m = re.search(r"job ([0-9a-f]{16}) dead: ValueError: n must be", r.stderr)
+    assert m, r.stderr
+    job_id = m.group(1)
+    job, tb = job_json(broker, job_id)
+    assert job["state"] == "dead" and job["attempts"] == 1 and job["failures"] == 1
+    assert job["dead_reason"] == "failed"
+    assert job["error"]["type"] == "ValueError" and "n must be" in job["error"]["message"]
+    assert "Traceback (most recent call last)" in tb and "fibonacci" in tb
+    r = trioq_cmd(broker, "retry", job_id)
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(rf"job {job_id}: retry done, state (queued|running|dead)\n", r.stdout)
+    r = trioq_cmd(broker, "result", job_id, "--wait", "--timeout", "30")
+    assert r.returncode == 4  # it fails again, as it must
+    assert f"job {job_id} dead: ValueError" in r.stderr
+    job, _ = job_json(broker, job_id)
+    assert job["attempts"] == 2
+    r = trioq_cmd(broker, "discard", job_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"job {job_id}: discard done, state dead\n"
+    r = trioq_cmd(broker, "job", job_id)
+    assert r.returncode == 2 and f"unknown job id {job_id}" in r.stderr
+
+
+def test_cancel_a_delayed_job(broker):
+    r = trioq_cmd(broker, "submit", "noop", "--delay", "3600")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    r = trioq_cmd(broker, "cancel", job_id)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"job {job_id}: cancel done, state cancelled\n"  # it was waiting, not running
+    job, _ = job_json(broker, job_id)
+    assert job["state"] == "cancelled" and job["attempts"] == 0
+    r = trioq_cmd(broker, "cancel", job_id)
+    assert r.returncode == 2 and "invalid_state" in r.stderr and "already cancelled" in r.stderr
+
+
+def test_unknown_id_is_a_clear_error_for_every_command(broker):
+    commands = [("job",), ("cancel",), ("retry",), ("discard",), ("result", "--wait")]
+    with ThreadPoolExecutor(2) as pool:  # two cores
+        results = list(pool.map(lambda cmd: trioq_cmd(broker, cmd[0], UNKNOWN, *cmd[1:]), commands))
+    for cmd, r in zip(commands, results, strict=True):
+        assert r.returncode == 2, (cmd, r.returncode, r.stdout, r.stderr)
+        assert r.stderr.strip() == f"error: unknown job id {UNKNOWN}", (cmd, r.stderr)
+        assert r.stdout == ""
+
+
+def test_bad_payload_and_priority_are_refused_before_connecting(tmp_path):
+    runner = CliRunner()
+    # nothing listens on port 1: an error about the input must come first
+    r = runner.invoke(main, ["submit", "reverse_string", "--payload", "{not json", "--broker", "127.0.0.1:1"])
+    assert r.exit_code == 2
+    assert "--payload" in r.output and "not valid JSON" in r.output
+    r = runner.invoke(main, ["submit", "reverse_string", "--priority", "0", "--broker", "127.0.0.1:1"])
+    assert r.exit_code == 2
+    assert "--priority" in r.output and "0 is not in the range 1<=x<=10" in r.output
+
+
+def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
+    r = trioq_cmd(broker, "submit", "--demo", timeout=90)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "1 worker(s) with 1 free slot(s): submitting 3 x slow_task at priority 5" in out
+    finished = re.findall(r"finished: (reverse_string|slow_task #\d)", out)
+    assert sorted(finished) == ["reverse_string", "slow_task #1", "slow_task #2", "slow_task #3"]
+    pos = finished.index("reverse_string")
+    # one slot: at most the slow job already running finishes first; the waiting ones come after
+    assert pos <= 1
+    assert finished.index("slow_task #2") > pos and finished.index("slow_task #3") > pos
+    assert re.search(rf"the urgent job finished {pos + 1} of 4", out)
+
+
+def test_supervised_worker_is_restarted_after_kill9(broker):
+    m, i = broker.wait_for(r"started local worker 1 \(pid (\d+)\)")
+    while True:  # the latest start line: the pid of the worker alive now
+        try:
+            m, i = broker.wait_for(r"started local worker 1 \(pid (\d+)\)", after=i + 1, within=0)
+        except AssertionError:
+            break
+    pid = int(m.group(1))
+    _, joined_at = broker.wait_for(r"worker local-1 joined", after=i)
+    os.kill(pid, signal.SIGKILL)
+    broker.wait_for(rf"local worker 1 \(pid {pid}\) exited with -9; restarting", after=i)
+    m2, j = broker.wait_for(r"started local worker 1 \(pid (\d+)\)", after=i + 1)
+    assert int(m2.group(1)) != pid
+    broker.wait_for(r"worker local-1 lost", after=joined_at)
+    broker.wait_for(r"worker local-1 joined", after=j)
+    r = trioq_cmd(broker, "submit", "reverse_string", "--payload", '{"data":"again"}', "--wait")
+    assert r.returncode == 0 and r.stdout == "niaga\n", r.stderr
