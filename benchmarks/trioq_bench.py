@@ -250,3 +250,123 @@ def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2) -> dic
         "max_ms": samples[-1] * 1000,
         "durability": f"SQLite WAL synchronous={sync.upper()}, TLS 1.3",
     }
+
+
+STRESS_TASKS = [
+    ("reverse_string", lambda r: {"data": "".join(r.choice("abcdefgh") for _ in range(16))}),
+    ("to_uppercase", lambda r: {"data": "hello trioq"}),
+    ("fibonacci", lambda r: {"n": r.randint(10, 200)}),
+    ("is_prime", lambda r: {"n": r.randint(1_000, 1_000_000)}),
+]
+
+
+def stress(producers: int = 100, jobs_each: int = 10, *, sync: str = "full", seed: int = 1) -> dict[str, Any]:
+    """The old stress test's shape: many producers at once, random tasks and priorities, TLS."""
+    import random
+
+    with cluster(workers=2, concurrency=32, sync=sync) as c:
+        c.start_broker()
+        latencies: list[float] = []
+        failures = 0
+        out: dict[str, float] = {}
+
+        async def producer(i: int) -> None:
+            nonlocal failures
+            rng = random.Random(seed * 1000 + i)
+            async with c.client() as client:
+                for _ in range(jobs_each):
+                    task, make = rng.choice(STRESS_TASKS)
+                    t = time.perf_counter()
+                    job = await client.result(await client.submit(task, make(rng), priority=rng.randint(1, 10)))
+                    latencies.append(time.perf_counter() - t)
+                    if job.state is not trioq.JobState.COMPLETED:
+                        failures += 1
+
+        async def run() -> None:
+            async with c.client() as client:
+                c.start_workers()
+                with trio.fail_after(120):
+                    while (await client.status())["workers"]["total"] < 2:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for i in range(producers):
+                    nursery.start_soon(producer, i)
+            out["seconds"] = time.perf_counter() - t0
+
+        trio.run(run)
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "system": "trioq",
+        "producers": producers,
+        "jobs": producers * jobs_each,
+        "succeeded": n - failures,
+        "total_seconds": out["seconds"],
+        "avg_ms": sum(latencies) / n * 1000,
+        "p99_ms": latencies[min(n - 1, int(0.99 * n))] * 1000,
+        "throughput": n / out["seconds"],
+    }
+
+
+def backlog(n_jobs: int = 1_000_000, *, batch: int = 10_000, sync: str = "full", progress: bool = True) -> dict[str, Any]:
+    """A million queued jobs: broker memory, restart-to-serving time, then the drain rate."""
+    with cluster(workers=2, concurrency=256, sync=sync) as c:
+        c.start_broker()
+        assert c.broker is not None
+        spec = JobSpec("noop", {})
+        res: dict[str, Any] = {}
+
+        async def fill() -> None:
+            async with c.client() as client:
+                t0 = time.perf_counter()
+                async with trio.open_nursery() as nursery:
+                    sem = trio.Semaphore(4)
+
+                    async def send(k: int) -> None:
+                        async with sem:
+                            await client.submit_many([spec] * k)
+
+                    for start in range(0, n_jobs, batch):
+                        await sem.acquire()
+                        sem.release()
+                        nursery.start_soon(send, min(batch, n_jobs - start))
+                        if progress and start % (batch * 10) == 0:
+                            print(f"\r  queued {start:,}/{n_jobs:,}", end="", file=sys.stderr)
+                res["enqueue_rate"] = n_jobs / (time.perf_counter() - t0)
+                s = await client.status()
+                res["queued"] = s["jobs"]["queued"]
+            if progress:
+                print(file=sys.stderr)
+
+        trio.run(fill)
+        res["broker_rss_mib"] = rss_bytes(c.broker.pid) / 2**20
+        c.kill_broker()  # a crash, not a clean stop: recovery reads the journal
+        t0 = time.perf_counter()
+        c.start_broker()
+        res["restart_to_serving_s"] = time.perf_counter() - t0
+        res["rss_after_restart_mib"] = rss_bytes(c.broker.pid) / 2**20
+
+        async def drain() -> None:
+            async with c.client() as client:
+                s = await client.status()
+                res["queued_after_restart"] = s["jobs"]["queued"]
+                c.start_workers()
+                t0 = time.perf_counter()
+                with trio.fail_after(1800):
+                    while (s := await client.status())["jobs"]["completed"] < n_jobs:  # noqa: ASYNC110
+                        if progress:
+                            print(f"\r  completed {s['jobs']['completed']:,}/{n_jobs:,}", end="", file=sys.stderr)
+                        await trio.sleep(0.2)
+                res["drain_wall_rate"] = n_jobs / (time.perf_counter() - t0)
+            if progress:
+                print(file=sys.stderr)
+
+        trio.run(drain)
+        c.stop()
+        first, last, completed = _span(c.db)
+        res.update(
+            system="trioq", jobs=n_jobs, completed=completed,
+            drain_rate=completed / (last - first) if last > first else float("nan"),
+        )
+        return res

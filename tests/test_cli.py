@@ -226,13 +226,15 @@ def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "1 worker(s) with 1 free slot(s): submitting 3 x slow_task at priority 5" in out
-    finished = re.findall(r"finished: (reverse_string|slow_task #\d)", out)
-    assert sorted(finished) == ["reverse_string", "slow_task #1", "slow_task #2", "slow_task #3"]
-    pos = finished.index("reverse_string")
-    # one slot: at most the slow job already running finishes first; the waiting ones come after
-    assert pos <= 1
-    assert finished.index("slow_task #2") > pos and finished.index("slow_task #3") > pos
-    assert re.search(rf"the urgent job finished {pos + 1} of 4", out)
+    lines = re.findall(r"finished: (reverse_string|slow_task #\d)\s.*? at (\d\d:\d\d:\d\d\.\d+)", out)
+    assert sorted(label for label, _ in lines) == ["reverse_string", "slow_task #1", "slow_task #2", "slow_task #3"]
+    at = dict(lines)
+    # one slot: at most the slow job already running finishes first; the waiting ones come after, a second later
+    assert at["slow_task #2"] > at["reverse_string"] and at["slow_task #3"] > at["reverse_string"]
+    m = re.search(r"the urgent job finished (\d) of 4", out)
+    assert m and int(m.group(1)) <= 2
+    # the summary ranks by the finish time the broker recorded (results arrive in batches, so print order may differ)
+    assert sum(1 for t in at.values() if t < at["reverse_string"]) <= int(m.group(1)) - 1
 
 
 def test_supervised_worker_is_restarted_after_kill9(broker):

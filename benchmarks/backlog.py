@@ -1,0 +1,30 @@
+"""A million queued jobs: broker memory, restart-to-serving after kill -9, drain rate.
+
+    python -m benchmarks.backlog [--jobs 1000000]
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import _report
+from .trioq_bench import backlog
+
+
+@click.command()
+@click.option("--jobs", default=1_000_000, show_default=True, type=click.IntRange(1))
+@click.option("--sync", type=click.Choice(["full", "normal", "off"]), default="full", show_default=True)
+@click.option("--json", "json_path", default=None)
+def main(jobs: int, sync: str, json_path: str | None) -> None:
+    r = backlog(jobs, sync=sync)
+    for key in ("jobs", "enqueue_rate", "queued", "broker_rss_mib", "restart_to_serving_s", "rss_after_restart_mib",
+                "queued_after_restart", "drain_rate", "drain_wall_rate", "completed"):
+        v = r.get(key)
+        print(f"{key:<24} {v:,.2f}" if isinstance(v, float) else f"{key:<24} {v}")
+    print(f"wrote {_report.save('backlog', r, json_path)}")
+    if r["completed"] != jobs:
+        raise SystemExit("not every job completed")
+
+
+if __name__ == "__main__":
+    main()
