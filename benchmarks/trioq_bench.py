@@ -165,6 +165,8 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
                     while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
                         await trio.sleep(0.02)
                 cpu0 = cpu_seconds(c.broker.pid)
+                wcpu0 = sum(cpu_seconds(w.pid) for w in c.workers)
+                pcpu0 = time.process_time()
                 spec = JobSpec("noop", {})
                 t0 = time.time()
                 ids: list[str] = []
@@ -195,7 +197,9 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
                 if progress:
                     print(file=sys.stderr)
                 cpu1 = cpu_seconds(c.broker.pid)
-                out.update(enqueue_seconds=t_enq - t0, cpu=cpu1 - cpu0, acked=len(ids))
+                wcpu = sum(cpu_seconds(w.pid) for w in c.workers) - wcpu0
+                out.update(enqueue_seconds=t_enq - t0, cpu=cpu1 - cpu0, acked=len(ids), wcpu=wcpu,
+                           pcpu=time.process_time() - pcpu0)
 
         trio.run(run)
         c.stop()  # the broker flushes its journal at shutdown
@@ -210,6 +214,8 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
             "drain_rate": completed / drain if drain > 0 else float("nan"),
             "total_seconds": drain,
             "broker_cpu_per_1000": out["cpu"] / n_jobs * 1000,
+            "workers_cpu_per_1000": out["wcpu"] / n_jobs * 1000,
+            "producer_cpu_per_1000": out["pcpu"] / n_jobs * 1000,
             "durability": f"SQLite WAL synchronous={sync.upper()}, ACK after commit, TLS 1.3",
         }
 

@@ -9,7 +9,7 @@ counters, heaps and leases must agree with it, and every delivery made by
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -439,3 +439,19 @@ def test_retry_of_a_job_cancelled_while_running():
     assert {jid for slot in m.slots.values() for jid in slot.held} == {"j1", "j2"}
     # the cancelled attempt's late report is stale now: it changes nothing
     assert m.d.outcome_nowait(m.slots["w1"], [Outcome("j1", 1, False)]) == []
+
+
+@given(st.binary(min_size=24, max_size=24), st.integers(min_value=1, max_value=(1 << 62) - 51), st.integers(1, 50))
+def test_job_ids_are_distinct_16_hex_names_that_map_back_to_their_seq(key, first, n):
+    from trioq.job import JobIds
+
+    codec = JobIds(key)
+    ids = codec.make(first, n)
+    assert len(set(ids)) == n
+    assert all(len(i) == 16 and i == i.lower() and int(i, 16) >= 0 for i in ids)
+    assert [codec.seq_of(i) for i in ids] == list(range(first, first + n))
+    # anything else is not an id: None, never an exception
+    for bad in ("", "0" * 15, "g" * 16, " " + ids[0][1:], ids[0] + "0", "+" + ids[0][1:]):
+        assert codec.seq_of(bad) is None
+    if ids[0] != ids[0].upper():
+        assert codec.seq_of(ids[0].upper()) is None

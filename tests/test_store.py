@@ -22,8 +22,10 @@ from trioq.store.writer import StoreWriter
 from .conftest import FakeWorker, memory_connect
 
 
-def make_job(seq: int, **kw) -> Job:
-    fields = dict(id=f"job{seq:04d}", seq=seq, task="noop", payload={"n": seq}, created_at=1000.0 + seq)
+def make_job(seq: int, store=None, **kw) -> Job:
+    """A job as the broker would make it: its id names its seq in the store's id scheme."""
+    job_id = store.job_ids.make(seq, 1)[0] if store is not None else f"job{seq:012d}"
+    fields = dict(id=job_id, seq=seq, task="noop", payload={"n": seq}, created_at=1000.0 + seq)
     fields.update(kw)
     return Job(**fields)
 
@@ -42,7 +44,7 @@ def db(tmp_path):
 
 def test_every_job_field_round_trips(db):
     full = Job(
-        id="f00dfeed00000001",
+        id=db.job_ids.make(7, 1)[0],
         seq=7,
         task="reverse_string",
         payload={"data": "héllo", "nested": [1, 2.5, None, {"k": True}]},
@@ -69,7 +71,7 @@ def test_every_job_field_round_trips(db):
     # every field differs from its default, so a column that is dropped shows up
     defaults = as_dict(Job(id="", seq=0, task="", payload=None))
     assert all(as_dict(full)[k] != v for k, v in defaults.items()), "test job leaves a field at its default"
-    bare = make_job(8, payload=["a list", 1])
+    bare = make_job(8, db, payload=["a list", 1])
     db.write_sync([db.row(full), db.row(bare)])
     assert as_dict(db.get_sync(full.id)) == as_dict(full)
     assert as_dict(db.get_sync(bare.id)) == as_dict(bare)
@@ -93,6 +95,7 @@ def _fill(db, n=25):
         jobs.append(
             make_job(
                 seq,
+                db,
                 task=("noop", "reverse_string")[seq % 2],
                 queue=("default", "high", "low")[seq % 3],
                 state=state,
@@ -148,7 +151,7 @@ def test_counts_purge_and_delete(db):
         per[j.state.value] = per.get(j.state.value, 0) + 1
     assert db.counts_sync() == want
     # an unfinished job with an old finished_at (say a retried one) is never purged
-    stray = make_job(26, state=JobState.QUEUED, finished_at=1.0)
+    stray = make_job(26, db, state=JobState.QUEUED, finished_at=1.0)
     db.write_sync([db.row(stray)])
     cutoff = 110.5  # finished_at = 100 + seq: terminal jobs with seq <= 10 are older
     old_terminal = {j.id for j in jobs if j.state.terminal and j.finished_at < cutoff}
@@ -231,7 +234,7 @@ def test_a_newer_schema_is_refused_clearly(tmp_path):
         assert conn.execute("SELECT name FROM sqlite_master WHERE name='jobs'").fetchone() is None
 
 
-def test_migration_from_an_empty_file_creates_version_1(tmp_path):
+def test_migration_from_an_empty_file_creates_the_current_version(tmp_path):
     path = tmp_path / "empty.db"
     path.write_bytes(b"")
     store = SQLiteStore(path)
@@ -239,13 +242,66 @@ def test_migration_from_an_empty_file_creates_version_1(tmp_path):
     store.close_sync()
     assert rec.jobs == [] and rec.next_seq == 1
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+        # no index on ids: an id names its seq, the primary key
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type='index' AND tbl_name='jobs'").fetchone() == (0,)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"meta", "jobs", "tasks", "paused_queues"} <= tables
     # opening again does not migrate twice
     store = SQLiteStore(path)
     store.open_sync()
     store.close_sync()
+
+
+def test_migration_from_version_1_keeps_old_random_ids_findable(tmp_path):
+    """A version-1 file (random ids, UNIQUE index) opens as version 2 with nothing lost."""
+    from trioq.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    for stmt in MIGRATIONS[1]:
+        conn.execute(stmt)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    old = [make_job(seq, id=f"{seq:02d}aa55aa55aa55aa", state=JobState.COMPLETED, finished_at=5.0) for seq in (1, 2)]
+    old.append(make_job(3, id="33bb66bb66bb66bb"))  # still queued
+    probe = SQLiteStore(":memory:")
+    conn.executemany(probe._insert, [probe.row(j) for j in old])
+    conn.close()
+
+    store = SQLiteStore(path)
+    rec = store.open_sync()
+    assert [j.id for j in rec.jobs] == ["33bb66bb66bb66bb"] and rec.next_seq == 4
+    for j in old:  # found by their random ids through the partial index
+        assert store.get_sync(j.id).seq == j.seq
+    # new jobs get codec ids, found without any index, beside the old ones
+    new_job = make_job(rec.next_seq, store)
+    store.write_sync([store.row(new_job)])
+    assert store.get_sync(new_job.id).seq == 4
+    assert store.get_sync("ffffffffffffffff") is None and store.get_sync("not-an-id") is None
+    assert store.delete_sync(old[0].id) is True and store.get_sync(old[0].id) is None
+    store.close_sync()
+    with sqlite3.connect(path) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+        (idx,) = c.execute("SELECT sql FROM sqlite_master WHERE type='index' AND tbl_name='jobs'").fetchone()
+        assert "WHERE seq <= 3" in idx  # covers the old rows only: new inserts skip it
+        assert c.execute("SELECT count(*) FROM jobs").fetchone() == (3,)
+
+
+def test_job_ids_survive_a_restart_and_differ_between_databases(tmp_path):
+    a = SQLiteStore(tmp_path / "a.db")
+    a.open_sync()
+    ids = a.job_ids.make(1, 5)
+    a.close_sync()
+    again = SQLiteStore(tmp_path / "a.db")
+    again.open_sync()
+    assert again.job_ids.make(1, 5) == ids  # the key is kept in the file
+    assert [again.job_ids.seq_of(i) for i in ids] == [1, 2, 3, 4, 5]
+    again.close_sync()
+    b = SQLiteStore(tmp_path / "b.db")
+    b.open_sync()
+    assert not set(b.job_ids.make(1, 5)) & set(ids)  # another key, other names
+    b.close_sync()
 
 
 # --- the writer -----------------------------------------------------------------------------------

@@ -46,6 +46,67 @@ def new_job_ids(n: int) -> list[str]:
     return [raw[i : i + 16] for i in range(0, 16 * n, 16)]
 
 
+_M64 = (1 << 64) - 1
+
+
+class JobIds:
+    """Job ids as a keyed permutation of the job's sequence number.
+
+    An id is 16 hex digits that look random (consecutive jobs share no visible pattern), yet
+    map back to the sequence number, which is the store's primary key: the store needs no
+    second index on ids, and two jobs can never get the same id. Ids are names, not secrets:
+    who may read or change a job is decided by tokens and roles, not by knowing its id.
+    """
+
+    __slots__ = ("_inv1", "_inv2", "_k1", "_k2", "_k3")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 24:
+            raise ValueError("a job id key needs at least 24 bytes")
+        # Two odd multipliers (invertible mod 2**64) and a mask, around splitmix64's mixing.
+        self._k1 = int.from_bytes(key[0:8], "big") | 1
+        self._k2 = int.from_bytes(key[8:16], "big") | 1
+        self._k3 = int.from_bytes(key[16:24], "big")
+        self._inv1 = pow(self._k1, -1, 1 << 64)
+        self._inv2 = pow(self._k2, -1, 1 << 64)
+
+    @staticmethod
+    def new_key() -> bytes:
+        return secrets.token_bytes(24)
+
+    def make(self, first_seq: int, n: int) -> list[str]:
+        """Ids of the n jobs whose sequence numbers start at first_seq."""
+        k1, k2, k3 = self._k1, self._k2, self._k3
+        out = []
+        append = out.append
+        for x in range(first_seq, first_seq + n):
+            x = (x * k1) & _M64
+            x ^= x >> 29
+            x = (x * k2) & _M64
+            x ^= x >> 32
+            append(f"{x ^ k3:016x}")
+        return out
+
+    def seq_of(self, job_id: str) -> int | None:
+        """The sequence number an id stands for, or None if it is not one of ours."""
+        if len(job_id) != 16:
+            return None
+        try:
+            x = int(job_id, 16)
+        except ValueError:
+            return None
+        if f"{x:016x}" != job_id:  # upper case, signs, underscores: not an id we made
+            return None
+        x ^= self._k3
+        x ^= x >> 32
+        x = (x * self._inv2) & _M64
+        y = x
+        x = y ^ (y >> 29)
+        x = y ^ (x >> 29)  # two steps undo a right xorshift by 29 on 64 bits
+        x = (x * self._inv1) & _M64
+        return x if 0 < x < 1 << 62 else None
+
+
 @attrs.define(slots=True)
 class ErrorInfo:
     type: str

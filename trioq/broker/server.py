@@ -19,7 +19,15 @@ import attrs
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
-from ..job import BUILTIN_TASKS, DEFAULT_MAX_ATTEMPTS, TERMINAL_STATES, Job, JobSpec, JobState
+from ..job import (
+    BUILTIN_TASKS,
+    DEFAULT_MAX_ATTEMPTS,
+    TERMINAL_STATES,
+    Job,
+    JobIds,
+    JobSpec,
+    JobState,
+)
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import PROTOCOL_VERSION, ROLES, Error, Hello, Welcome
 from ..store.base import JobPage, Store
@@ -87,6 +95,7 @@ class Broker:
         if store is None:
             store = MemoryStore() if config.db == ":memory:" else SQLiteStore(config.db, synchronous=config.sync)
         self.store = store
+        self.job_ids = JobIds(JobIds.new_key())  # the store's own replaces it at start
         self.now = now
         self.ssl_context = ssl_context
         self.auth = authenticator if authenticator is not None else Authenticator.load(config.auth_file)
@@ -170,6 +179,7 @@ class Broker:
         d.known_tasks.update(self.config.tasks)
         d.known_tasks.update(recovered.tasks)
         d.paused.update(recovered.paused_queues)
+        self.job_ids = recovered.job_ids
         self._seed_finished(counts)
         requeued = d.restore(recovered.jobs, recovered.next_seq)
         await nursery.start(self.writer.run)

@@ -19,7 +19,7 @@ import orjson
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
-from ..job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState, new_job_ids
+from ..job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import (
     Abort,
@@ -263,7 +263,7 @@ def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None, frame_siz
             if payload_size(s.payload) > cfg.max_payload:
                 raise RequestError(ErrorCode.TOO_LARGE, f"job {i}: payload over {cfg.max_payload} bytes")
     first = broker.dispatcher.reserve_seqs(len(specs))
-    ids = new_job_ids(len(specs))
+    ids = broker.job_ids.make(first, len(specs))
     task_defaults = broker.task_defaults
     jobs = []
     for i, s in enumerate(specs):

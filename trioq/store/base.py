@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from ..job import Job, JobState
+from ..job import Job, JobIds, JobState
 
 
 @attrs.frozen
@@ -25,6 +25,8 @@ class Recovered:
     next_seq: int
     tasks: list[str]  # task names ever announced by a worker
     paused_queues: list[str]
+    #: How this store names jobs: ids must map back to seq (see JobIds).
+    job_ids: JobIds
 
 
 @attrs.frozen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from ..job import TERMINAL_STATES, Job
+from ..job import TERMINAL_STATES, Job, JobIds
 from .base import JobPage, Recovered, Store
 
 
@@ -21,11 +21,12 @@ class MemoryStore(Store):
         self._tasks: set[str] = set()
         self._paused: set[str] = set()
         self.fail_writes: BaseException | None = None  # fault injection for tests
+        self.job_ids = JobIds(JobIds.new_key())
 
     def open_sync(self) -> Recovered:
         jobs = [self._by_seq[s] for s in self._seqs if not self._by_seq[s].state.terminal]
         nxt = self._seqs[-1] + 1 if self._seqs else 1
-        return Recovered(jobs, nxt, sorted(self._tasks), sorted(self._paused))
+        return Recovered(jobs, nxt, sorted(self._tasks), sorted(self._paused), self.job_ids)
 
     def close_sync(self) -> None:
         pass

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ..job import ErrorInfo, Job, JobState, Progress
+from ..job import ErrorInfo, Job, JobIds, JobState, Progress
 from .base import JobPage, Recovered, Store
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _COLUMNS = (
     "seq", "id", "task", "queue", "priority", "state", "payload", "attempts", "failures",
@@ -32,7 +32,7 @@ _MUTABLE = (
 )
 
 #: version -> statements that bring a database from version-1 to version.
-MIGRATIONS: dict[int, list[str]] = {
+MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     1: [
         """CREATE TABLE jobs (
             seq INTEGER PRIMARY KEY,
@@ -62,7 +62,24 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE TABLE tasks (name TEXT PRIMARY KEY)",
         "CREATE TABLE paused_queues (name TEXT PRIMARY KEY)",
     ],
+    # Ids became a keyed permutation of seq (JobIds): the UNIQUE index on id goes, which
+    # makes every insert cheaper. Rows from version 1 keep random ids, found through a
+    # partial index that covers only them.
+    2: [lambda conn: _drop_id_index(conn)],
 }
+
+
+def _drop_id_index(conn: sqlite3.Connection) -> None:
+    (create,) = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
+    conn.execute(create.replace("CREATE TABLE jobs", "CREATE TABLE jobs_v2", 1).replace(
+        "id TEXT NOT NULL UNIQUE", "id TEXT NOT NULL", 1))
+    conn.execute("INSERT INTO jobs_v2 SELECT * FROM jobs")
+    conn.execute("DROP TABLE jobs")
+    conn.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+    (legacy,) = conn.execute("SELECT max(seq) FROM jobs").fetchone()
+    if legacy:
+        conn.execute(f"CREATE INDEX jobs_legacy_id ON jobs(id) WHERE seq <= {int(legacy)}")
+        conn.execute("INSERT INTO meta(key, value) VALUES('legacy_id_max_seq', ?)", (str(int(legacy)),))
 
 UNFINISHED = (JobState.QUEUED.value, JobState.SCHEDULED.value, JobState.RUNNING.value)
 TERMINAL = (JobState.COMPLETED.value, JobState.DEAD.value, JobState.CANCELLED.value)
@@ -114,6 +131,9 @@ class SQLiteStore(Store):
         w = self._w = self._connect()
         w.execute("PRAGMA wal_autocheckpoint=4000")
         self._migrate(w)
+        self.job_ids = JobIds(self._id_key(w))
+        (legacy,) = w.execute("SELECT value FROM meta WHERE key='legacy_id_max_seq'").fetchone() or (0,)
+        self._legacy_max_seq = int(legacy)
         self._r = self._connect() if self.path != ":memory:" else w
         jobs = [
             self._job(r)
@@ -125,7 +145,27 @@ class SQLiteStore(Store):
         (max_seq,) = w.execute("SELECT max(seq) FROM jobs").fetchone()
         tasks = [r[0] for r in w.execute("SELECT name FROM tasks ORDER BY name")]
         paused = [r[0] for r in w.execute("SELECT name FROM paused_queues ORDER BY name")]
-        return Recovered(jobs, (max_seq or 0) + 1, tasks, paused)
+        return Recovered(jobs, (max_seq or 0) + 1, tasks, paused, self.job_ids)
+
+    @staticmethod
+    def _id_key(conn: sqlite3.Connection) -> bytes:
+        """The database's job id key: made once, kept for the life of the file."""
+        row = conn.execute("SELECT value FROM meta WHERE key='job_id_key'").fetchone()
+        if row is not None:
+            return bytes.fromhex(row[0])
+        key = JobIds.new_key()
+        conn.execute("INSERT INTO meta(key, value) VALUES('job_id_key', ?)", (key.hex(),))
+        return key
+
+    def _where_id(self, job_id: str) -> list[tuple[str, tuple]]:
+        """WHERE clauses that find a job by id without an index on ids."""
+        out: list[tuple[str, tuple]] = []
+        seq = self.job_ids.seq_of(job_id)
+        if seq is not None:
+            out.append(("seq=? AND id=?", (seq, job_id)))
+        if self._legacy_max_seq:  # a literal, so SQLite uses the partial index
+            out.append((f"id=? AND seq <= {self._legacy_max_seq}", (job_id,)))
+        return out
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
@@ -139,7 +179,10 @@ class SQLiteStore(Store):
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for stmt in MIGRATIONS[version]:
-                    conn.execute(stmt)
+                    if callable(stmt):
+                        stmt(conn)
+                    else:
+                        conn.execute(stmt)
                 conn.execute(
                     "INSERT INTO meta(key, value) VALUES('schema_version', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -229,7 +272,10 @@ class SQLiteStore(Store):
         w = self._w
         assert w is not None
         with self._wlock:
-            return w.execute("DELETE FROM jobs WHERE id=?", (job_id,)).rowcount > 0
+            return any(
+                w.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount > 0
+                for where, params in self._where_id(job_id)
+            )
 
     def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
         w = self._w
@@ -267,8 +313,11 @@ class SQLiteStore(Store):
             return r.execute(sql, params).fetchall()
 
     def get_sync(self, job_id: str) -> Job | None:
-        rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id=?", (job_id,))
-        return self._job(rows[0]) if rows else None
+        for where, params in self._where_id(job_id):
+            rows = self._read(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE {where}", params)
+            if rows:
+                return self._job(rows[0])
+        return None
 
     def list_sync(self, *, state=None, queue=None, task=None, limit=50, before_seq=None) -> JobPage:
         where, params = [], []

@@ -381,12 +381,13 @@ class InvalidPayload(Fatal):
     pass
 
 
+# Keyed by the function: hashing a TaskInfo would hash its inspect.Signature on every job.
 _SHAPES: dict[Any, tuple[frozenset[str], frozenset[str], bool]] = {}
 
 
 def _shape(info: Any) -> tuple[frozenset[str], frozenset[str], bool]:
     """(parameter names, required names, takes **kwargs) of a task, computed once."""
-    shape = _SHAPES.get(info)
+    shape = _SHAPES.get(info.fn)
     if shape is None:
         params = info.signature.parameters
         names = frozenset(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n != "ctx")
@@ -394,7 +395,7 @@ def _shape(info: Any) -> tuple[frozenset[str], frozenset[str], bool]:
             n for n in names if params[n].default is inspect.Parameter.empty
         )
         var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        shape = _SHAPES[info] = (names, required, var_kw)
+        shape = _SHAPES[info.fn] = (names, required, var_kw)
     return shape
 
 
