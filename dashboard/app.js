@@ -19,6 +19,8 @@
   var SAFETY_REFRESH_MS = 15000; // gentle aggregate refresh
   var TASKS_THROTTLE_MS = 10000;
   var QUEUES_THROTTLE_MS = 5000;
+  var WORKERS_THROTTLE_MS = 1000;
+  var WORKERS_REFRESH_MS = 5000; // heartbeats: re-read at least this often while live
   var STALE_STREAM_MS = 30000;   // no SSE message for this long -> reconnect
   var TIMESERIES_KEEP_S = 660;
   var TOKEN_KEY = 'trioq-token';
@@ -379,7 +381,7 @@
     setCard('busy', w.busy, w.total ? Math.round(100 * (w.busy || 0) / w.total) + '% utilised' : '');
     var r = recentRates();
     setCard('completed', j.completed, joinSub(r ? fmtRate(r.completed) + '/s' : '', isNum(s.completed_total) ? fmtCompact(s.completed_total) + ' total' : ''));
-    setCard('failed', j.dead, joinSub(r ? fmtRate(r.failed) + '/s' : '', isNum(s.failed_total) ? fmtCompact(s.failed_total) + ' failures' : ''));
+    setCard('failed', j.dead, joinSub(r ? fmtRate(r.failed) + '/s' : '', isNum(s.failed_total) ? fmtCompact(s.failed_total) + (s.failed_total === 1 ? ' failure' : ' failures') : ''));
     setCard('requeued', s.requeued, isNum(j.cancelled) ? j.cancelled + ' cancelled' : '');
     setCard('total', s.total, isNum(s.submitted_total) ? fmtCompact(s.submitted_total) + ' submitted' : '');
     $('uptime').textContent = isNum(s.uptime) ? 'up ' + fmtAge(s.uptime) : '';
@@ -488,15 +490,33 @@
   }
 
   // ------------------------------------------------------------------ workers
+  // The broker sends worker events only when a worker joins, leaves or drains; a worker's
+  // current jobs, counts and heartbeat are re-read (throttled) when job events or the
+  // stats suggest they changed. Joins and losses that arrive while a snapshot is being
+  // fetched are replayed on top of it, so an older snapshot cannot resurrect a lost worker.
+  var workerFetches = 0;
+  var workerEventsDuringFetch = [];
+  function isGoneEvent(ev) { return ev === 'lost' || ev === 'left' || ev === 'removed'; }
   function loadWorkers() {
+    workerFetches++;
+    var from = workerEventsDuringFetch.length;
+    lastFetch.workers = Date.now();
     return apiGet('/api/workers').then(function (data) {
       clearPanelError('workers-panel');
       var m = new Map();
       ((data && data.workers) || []).forEach(function (w) { m.set(String(w.id), w); });
+      workerEventsDuringFetch.slice(from).forEach(function (w) {
+        var id = String(w.id);
+        if (isGoneEvent(w.event)) m.delete(id);
+        else if (!m.has(id)) { var copy = Object.assign({}, w); delete copy.event; m.set(id, copy); }
+      });
       state.workers = m;
       renderWorkers();
-    }, function (e) { panelError('workers-panel', e); });
+    }, function (e) { panelError('workers-panel', e); }).then(function () {
+      if (--workerFetches === 0) workerEventsDuringFetch = [];
+    });
   }
+  var refreshWorkersSoon = throttled(loadWorkers, WORKERS_THROTTLE_MS);
 
   function workerLabel(id) {
     if (id == null) return '';
@@ -563,7 +583,8 @@
     if (!w || w.id == null) return;
     var id = String(w.id);
     var ev = w.event;
-    if (ev === 'lost' || ev === 'left' || ev === 'removed') {
+    if (workerFetches) workerEventsDuringFetch.push(w);
+    if (isGoneEvent(ev)) {
       state.workers.delete(id);
     } else {
       var prev = state.workers.get(id) || {};
@@ -597,7 +618,7 @@
   }
 
   // ------------------------------------------------------------------ queues
-  var lastFetch = { queues: 0, tasks: 0, stats: 0 };
+  var lastFetch = { queues: 0, tasks: 0, stats: 0, workers: 0 };
   function loadQueues() {
     lastFetch.queues = Date.now();
     return apiGet('/api/queues').then(function (data) {
@@ -1585,6 +1606,9 @@
     var box = $('submit-result');
     box.className = 'submit-result ' + (kind || '');
     box.setAttribute('data-state', kind || '');
+    // the job id belongs to the one outcome that sets it again right after: never to a
+    // later "Submitting…" or error
+    box.removeAttribute('data-job-id');
     box.replaceChildren();
     if (content instanceof Node) box.appendChild(content); else box.textContent = content || '';
   }
@@ -1710,11 +1734,20 @@
     queueJobEvent(job);
     refreshQueuesSoon();
     refreshTasksSoon();
+    // a job started or ended on a worker: its current jobs and counts changed
+    if (job && (job.worker || job.state === 'running')) refreshWorkersSoon();
   }
 
+  function workersSig(s) {
+    var w = (s && s.workers) || {};
+    return [w.total, w.idle, w.busy, w.free, w.capacity].join(',');
+  }
   function onStatsEvent(s) {
     if (s && s.point) addPoint(s.point);
+    var prevSig = state.stats ? workersSig(state.stats) : null;
     applyStats(s);
+    if (prevSig !== null && prevSig !== workersSig(s)) refreshWorkersSoon();
+    else if (state.workers.size && Date.now() - lastFetch.workers > WORKERS_REFRESH_MS && !document.hidden) refreshWorkersSoon();
   }
 
   function resyncAll() {
