@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from tqdm import tqdm
 
 import trioq
 from trioq.job import JobSpec
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """A progress bar on stderr for long runs (silent when not enabled)."""
+    return tqdm(total=total, desc=desc, unit="job", unit_scale=True, disable=not enabled, file=sys.stderr, leave=False)
 
 
 def free_port() -> int:
@@ -148,34 +154,52 @@ def _span(db: Path) -> tuple[float, float, int]:
     return first or 0.0, last or 0.0, n
 
 
+def _runs(db: Path) -> dict[str, int]:
+    """How many times jobs ran, from the journal: a job run twice shows as attempts > 1."""
+    with sqlite3.connect(db) as conn:
+        total, distinct, extra = conn.execute(
+            "SELECT count(*), count(DISTINCT id), coalesce(sum(attempts - 1), 0) FROM jobs"
+        ).fetchone()
+    return {"rows": total, "distinct_ids": distinct, "extra_attempts": extra}
+
+
 def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, concurrency: int = 256,
-               sync: str = "full", progress: bool = False) -> dict[str, Any]:
-    """N no-op jobs submitted in batches by one producer, drained by worker processes."""
+               sync: str = "full", progress: bool = False, prefill: bool = True) -> dict[str, Any]:
+    """N no-op jobs submitted in batches by one producer, drained by worker processes.
+
+    With ``prefill`` (the default, as the peer harness measures every peer) the workers start
+    once every job is acknowledged, so the enqueue rate is the producer's alone and the drain
+    rate is that of a full queue; without it the workers run during the enqueue.
+    """
     with cluster(workers=workers, concurrency=concurrency, sync=sync) as c:
         c.start_broker()
         assert c.broker is not None
         out: dict[str, Any] = {}
 
+        async def wait_workers(client: trioq.Client) -> None:
+            c.start_workers()
+            with trio.fail_after(120):
+                # the broker is another process: poll its status, bounded by the deadline
+                while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+
         async def run() -> None:
             async with c.client() as client:
-                # Warm the workers' connections before the clock starts.
-                c.start_workers()
-                with trio.fail_after(120):
-                    # the broker is another process: poll its status, bounded by the deadline
-                    while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
-                        await trio.sleep(0.02)
+                if not prefill:
+                    await wait_workers(client)  # warm connections before the clock starts
                 cpu0 = cpu_seconds(c.broker.pid)
-                wcpu0 = sum(cpu_seconds(w.pid) for w in c.workers)
                 pcpu0 = time.process_time()
                 spec = JobSpec("noop", {})
                 t0 = time.time()
                 ids: list[str] = []
+                acked = bar(n_jobs, "acknowledged", progress)
                 async with trio.open_nursery() as nursery:
                     sem = trio.Semaphore(4)  # a few batches in flight, as a real producer would pipeline
 
                     async def send(k: int) -> None:
                         async with sem:
                             ids.extend(await client.submit_many([spec] * k))
+                            acked.update(k)
 
                     sent = 0
                     while sent < n_jobs:
@@ -185,17 +209,17 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
                         nursery.start_soon(send, k)
                         sent += k
                 t_enq = time.time()
-                with trio.fail_after(600):
+                acked.close()
+                if prefill:
+                    await wait_workers(client)
+                wcpu0 = sum(cpu_seconds(w.pid) for w in c.workers)
+                with bar(n_jobs, "completed", progress) as done_bar, trio.fail_after(600):
                     while True:
-                        s = await client.status()
-                        done = s["jobs"]["completed"]
-                        if progress:
-                            print(f"\r  completed {done}/{n_jobs}", end="", file=sys.stderr)
+                        done = (await client.status())["jobs"]["completed"]
+                        done_bar.update(done - done_bar.n)
                         if done >= n_jobs:
                             break
                         await trio.sleep(0.05)
-                if progress:
-                    print(file=sys.stderr)
                 cpu1 = cpu_seconds(c.broker.pid)
                 wcpu = sum(cpu_seconds(w.pid) for w in c.workers) - wcpu0
                 out.update(enqueue_seconds=t_enq - t0, cpu=cpu1 - cpu0, acked=len(ids), wcpu=wcpu,
@@ -209,6 +233,7 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
             "system": "trioq",
             "jobs": n_jobs,
             "acked": out["acked"],
+            "journal": _runs(c.db),
             "completed": completed,
             "enqueue_rate": n_jobs / out["enqueue_seconds"],
             "drain_rate": completed / drain if drain > 0 else float("nan"),
@@ -326,24 +351,22 @@ def backlog(n_jobs: int = 1_000_000, *, batch: int = 10_000, sync: str = "full",
         async def fill() -> None:
             async with c.client() as client:
                 t0 = time.perf_counter()
-                async with trio.open_nursery() as nursery:
-                    sem = trio.Semaphore(4)
+                with bar(n_jobs, "acknowledged", progress) as queued_bar:
+                    async with trio.open_nursery() as nursery:
+                        sem = trio.Semaphore(4)
 
-                    async def send(k: int) -> None:
-                        async with sem:
-                            await client.submit_many([spec] * k)
+                        async def send(k: int) -> None:
+                            async with sem:
+                                await client.submit_many([spec] * k)
+                                queued_bar.update(k)
 
-                    for start in range(0, n_jobs, batch):
-                        await sem.acquire()
-                        sem.release()
-                        nursery.start_soon(send, min(batch, n_jobs - start))
-                        if progress and start % (batch * 10) == 0:
-                            print(f"\r  queued {start:,}/{n_jobs:,}", end="", file=sys.stderr)
+                        for start in range(0, n_jobs, batch):
+                            await sem.acquire()
+                            sem.release()
+                            nursery.start_soon(send, min(batch, n_jobs - start))
                 res["enqueue_rate"] = n_jobs / (time.perf_counter() - t0)
                 s = await client.status()
                 res["queued"] = s["jobs"]["queued"]
-            if progress:
-                print(file=sys.stderr)
 
         trio.run(fill)
         res["broker_rss_mib"] = rss_bytes(c.broker.pid) / 2**20
@@ -359,14 +382,11 @@ def backlog(n_jobs: int = 1_000_000, *, batch: int = 10_000, sync: str = "full",
                 res["queued_after_restart"] = s["jobs"]["queued"]
                 c.start_workers()
                 t0 = time.perf_counter()
-                with trio.fail_after(1800):
-                    while (s := await client.status())["jobs"]["completed"] < n_jobs:  # noqa: ASYNC110
-                        if progress:
-                            print(f"\r  completed {s['jobs']['completed']:,}/{n_jobs:,}", end="", file=sys.stderr)
+                with bar(n_jobs, "completed", progress) as done_bar, trio.fail_after(1800):
+                    while (done := (await client.status())["jobs"]["completed"]) < n_jobs:
+                        done_bar.update(done - done_bar.n)
                         await trio.sleep(0.2)
                 res["drain_wall_rate"] = n_jobs / (time.perf_counter() - t0)
-            if progress:
-                print(file=sys.stderr)
 
         trio.run(drain)
         c.stop()

@@ -122,6 +122,7 @@ class Worker:
         self._stop_requested = False
         self._running: dict[str, tuple[int, trio.CancelScope]] = {}
         self._outbox: list[Outcome] = []
+        self._outbox_bytes = 0  # an upper bound of the outbox's encoded size
         self._flush = trio.Event()
         self._limiter = trio.CapacityLimiter(concurrency)
         self._conn: FramedConnection | None = None
@@ -209,6 +210,7 @@ class Worker:
     async def _session(self, conn: FramedConnection, welcome: Welcome) -> None:
         self._conn = conn
         self._outbox = []
+        self._outbox_bytes = 0
         lost: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, conn, nursery.cancel_scope)
@@ -251,11 +253,29 @@ class Worker:
                 await self._flush.wait()
                 self._flush = trio.Event()
                 await trio.lowlevel.checkpoint()  # let jobs finishing in this same moment join the batch
-                if self._outbox:
-                    batch, self._outbox = self._outbox, []
-                    conn.send_nowait(Result(batch))
+                self._send_outbox(conn)
         except ConnectionLost:
             pass
+
+    def _send_outbox(self, conn: FramedConnection) -> None:
+        """The outbox in RESULT frames, split so that none comes near the broker's frame limit."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        total, self._outbox_bytes = self._outbox_bytes, 0
+        if total <= FRAME_BUDGET:
+            conn.send_nowait(Result(batch))
+            return
+        chunk: list[Outcome] = []
+        used = 0
+        for outcome in batch:
+            size = _outcome_size(outcome)
+            if chunk and used + size > FRAME_BUDGET:
+                conn.send_nowait(Result(chunk))
+                chunk, used = [], 0
+            chunk.append(outcome)
+            used += size
+        conn.send_nowait(Result(chunk))
 
     async def _stop_watch(self, jobs: trio.Nursery, conn: FramedConnection) -> None:
         try:
@@ -285,9 +305,7 @@ class Worker:
 
     async def _flush_now(self, conn: FramedConnection) -> None:
         await trio.lowlevel.checkpoint()
-        if self._outbox:
-            batch, self._outbox = self._outbox, []
-            conn.send_nowait(Result(batch))
+        self._send_outbox(conn)
 
     async def _receive(self, conn: FramedConnection, jobs: trio.Nursery) -> None:
         while True:
@@ -325,6 +343,7 @@ class Worker:
 
     async def _run_job(self, conn: FramedConnection, d: Delivery, scope: trio.CancelScope) -> None:
         outcome: Outcome | None = None
+        size = 0
         info = self.registry.get(d.task)
         with scope:
             try:
@@ -346,7 +365,13 @@ class Worker:
                             value = await trio.to_thread.run_sync(
                                 lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter
                             )
-                outcome = Outcome(d.id, d.attempt, True, _jsonable(value))
+                result, size = _jsonable(value)
+                if size > MAX_RESULT_BYTES:
+                    outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
+                        "ResultTooLarge", f"task {d.task} returned {size} bytes of JSON; the limit is "
+                        f"{MAX_RESULT_BYTES}: store large results elsewhere and return a reference", "", False))
+                else:
+                    outcome = Outcome(d.id, d.attempt, True, result)
             except trio.TooSlowError:
                 outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
                     "TimeoutError", f"task {d.task} ran longer than its timeout of {d.timeout:g}s", "", True))
@@ -367,6 +392,7 @@ class Worker:
         else:
             self.failed += 1
         self._outbox.append(outcome)
+        self._outbox_bytes += OUTCOME_OVERHEAD + size if outcome.ok else _outcome_size(outcome)
         self._flush.set()
 
     def _report_progress(self, conn: FramedConnection, d: Delivery, p: Progress) -> None:
@@ -426,12 +452,47 @@ def _error(exc: BaseException, *, retryable: bool) -> ErrorInfo:
     return ErrorInfo(type(exc).__name__, str(exc)[:2000], tb[-8000:], retryable)
 
 
-def _jsonable(value: Any) -> Any:
-    if value is None or type(value) in (str, int, float, bool):
-        return value
+#: A result larger than this fails its job instead of overflowing the RESULT frame.
+MAX_RESULT_BYTES = 1024 * 1024
+#: RESULT frames stay under this (the broker accepts 4 MiB by default, 1 MiB at the least).
+FRAME_BUDGET = 900 * 1024
+OUTCOME_OVERHEAD = 200
+
+
+def _outcome_size(outcome: Outcome) -> int:
+    err = outcome.error
+    size = OUTCOME_OVERHEAD + (len(err.message) + len(err.traceback) + len(err.type) if err else 0) * 2
+    return size + (_jsonable(outcome.result)[1] if outcome.result is not None else 0)
+_I64_MIN, _U64_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _jsonable(value: Any) -> tuple[Any, int]:
+    """(a JSON-encodable form of a task's return value, its encoded size)."""
+    t = type(value)
+    if value is None or t is bool or t is float:
+        return value, 8
+    if t is str:
+        return value, len(value) * 4 // 3 + 2  # an upper bound that needs no encoding
+    if t is int:
+        return (value, 20) if _I64_MIN <= value <= _U64_MAX else (str(value), len(str(value)) + 2)
     try:
-        orjson.dumps(value)
+        return value, len(orjson.dumps(value))
+    except TypeError:  # big ints, sets, objects: JSON of their nearest meaning
+        coerced = _coerce(value)
+        return coerced, len(orjson.dumps(coerced))
+
+
+def _coerce(value: Any) -> Any:
+    if value is None or type(value) in (str, bool, float):
+        return value
+    if type(value) is int:
+        return value if _I64_MIN <= value <= _U64_MAX else str(value)
+    if isinstance(value, dict):
+        return {str(k): _coerce(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_coerce(v) for v in value]
+    try:
+        orjson.dumps(value)  # dataclasses, datetimes, numpy scalars: orjson knows them
         return value
     except TypeError:
         return repr(value)
-
