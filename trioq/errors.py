@@ -20,6 +20,7 @@ class ErrorCode(enum.StrEnum):
     BUSY = "busy"  # the broker cannot accept this now (store failing, limits)
     TIMEOUT = "timeout"
     STALE = "stale"  # a report for an attempt that is no longer current
+    TOO_MANY_ERRORS = "too_many_errors"  # the connection broke the rules too often and is closed
     INTERNAL = "internal"
 
 

@@ -78,6 +78,11 @@ class RequestError(Exception):
         self.message = message
 
 
+BENIGN_CODES = frozenset({
+    ErrorCode.UNKNOWN_JOB, ErrorCode.INVALID_STATE, ErrorCode.BUSY, ErrorCode.STALE, ErrorCode.TIMEOUT,
+})
+
+
 class Session:
     """What every session shares: the connection, error accounting, the role."""
 
@@ -92,10 +97,17 @@ class Session:
         self.errors = 0
 
     def refuse(self, code: ErrorCode, message: str, req: int | None = None) -> None:
-        """A non-fatal ERROR; too many of them and the connection is closed."""
-        self.errors += 1
-        if self.errors > self.broker.config.max_errors:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {self.broker.config.max_errors} errors on this connection")
+        """A non-fatal ERROR; too many broken rules and the connection is closed.
+
+        Answers about the world (an unknown or finished job, a busy broker, a stale report)
+        are not misbehaviour: a client may ask for a thousand ids that do not exist.
+        """
+        if code not in BENIGN_CODES:
+            self.errors += 1
+            if self.errors > self.broker.config.max_errors:
+                raise ProtocolError(
+                    ErrorCode.TOO_MANY_ERRORS, f"more than {self.broker.config.max_errors} rejected messages on this connection"
+                )
         self.conn.send_nowait(Error(code.value, message, req=req))
 
 

@@ -58,6 +58,10 @@ class Store(abc.ABC):
     def row(self, job: Job) -> tuple:
         """A snapshot of the job, taken on the event loop, written later."""
 
+    def insert_row(self, job: Job) -> tuple:
+        """A snapshot of a job not stored yet, for ``commit_sync`` (default: the whole row)."""
+        return self.row(job)
+
     def update_row(self, job: Job) -> tuple:
         """A snapshot of what can change in a job already stored (default: the whole row)."""
         return self.row(job)

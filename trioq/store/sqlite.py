@@ -25,6 +25,10 @@ _COLUMNS = (
     "worker_losses", "max_attempts", "timeout", "run_at", "created_at", "started_at",
     "finished_at", "worker", "result", "error", "progress", "idempotency_key", "dead_reason", "owner",
 )
+_NEW_COLUMNS = (
+    "seq", "id", "task", "queue", "priority", "state", "payload", "max_attempts", "timeout",
+    "run_at", "created_at", "idempotency_key", "owner",
+)
 _IMMUTABLE = {"seq", "id", "task", "queue", "priority", "payload", "created_at", "idempotency_key", "owner"}
 _MUTABLE = (
     "state", "attempts", "failures", "worker_losses", "max_attempts", "timeout", "run_at",
@@ -111,6 +115,12 @@ class SQLiteStore(Store):
             f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT(seq) DO UPDATE SET {updates}"
         )
         self._insert = f"INSERT INTO jobs ({cols}) VALUES ({marks})"
+        # A new job has most columns at their defaults: binding fewer parameters makes an
+        # insert more than twice as fast (sqlite3 pays per bound value).
+        self._insert_new = (
+            f"INSERT INTO jobs ({', '.join(_NEW_COLUMNS)}, attempts, failures, worker_losses) "
+            f"VALUES ({', '.join('?' * len(_NEW_COLUMNS))}, 0, 0, 0)"
+        )
         self._update = "UPDATE jobs SET {} WHERE seq=?".format(
             ", ".join(f"{c}=?" for c in _MUTABLE)
         )
@@ -214,6 +224,18 @@ class SQLiteStore(Store):
             job.idempotency_key, job.dead_reason, job.owner,
         )
 
+    def insert_row(self, job: Job) -> tuple:
+        if (
+            job.attempts or job.failures or job.worker_losses or job.started_at is not None
+            or job.finished_at is not None or job.worker is not None or job.result is not None
+            or job.error is not None or job.progress is not None or job.dead_reason is not None
+        ):
+            return self.row(job)  # it moved on before its first commit: the whole row
+        return (
+            job.seq, job.id, job.task, job.queue, job.priority, job.state, _dumps(job.payload),
+            job.max_attempts, job.timeout, job.run_at, job.created_at, job.idempotency_key, job.owner,
+        )
+
     def update_row(self, job: Job) -> tuple:
         err = job.error
         prog = job.progress
@@ -233,7 +255,12 @@ class SQLiteStore(Store):
             w.execute("BEGIN")
             try:
                 if inserts:
-                    w.executemany(self._insert, inserts)
+                    n_new = len(_NEW_COLUMNS)
+                    fresh = [r for r in inserts if len(r) == n_new]
+                    if fresh:
+                        w.executemany(self._insert_new, fresh)
+                    if len(fresh) < len(inserts):
+                        w.executemany(self._insert, [r for r in inserts if len(r) != n_new])
                 if updates:
                     w.executemany(self._update, updates)
                 if tasks:

@@ -141,7 +141,7 @@ class StoreWriter:
                 pending[job.id] = job
             tasks.update(req.tasks)
         # The snapshot is taken here, on the event loop: rows are consistent.
-        row = store.row
+        row = store.insert_row
         update_row = store.update_row
         inserts = [row(job) for job in pending.values() if job.id in new]
         updates = [update_row(job) for job in pending.values() if job.id not in new]
