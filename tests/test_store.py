@@ -436,3 +436,24 @@ def test_inserts_of_new_and_moved_on_jobs_keep_every_field(db):
     db.commit_sync(rows, [])
     for job in (fresh, moved):
         assert as_dict(db.get_sync(job.id)) == as_dict(job)
+
+
+def test_updates_of_first_and_later_attempts_keep_every_field(db):
+    """A first attempt finishing is written with fewer columns: what it leaves out must be right."""
+    jobs = [make_job(s, db) for s in (1, 2, 3)]
+    db.commit_sync([db.insert_row(j) for j in jobs], [])
+    first, failed, cancelled = jobs
+    first.state, first.attempts, first.started_at, first.finished_at = JobState.COMPLETED, 1, 5.0, 6.0
+    first.worker, first.result, first.progress = "w1", ["done"], Progress(1.0, "all")
+    failed.state, failed.attempts, failed.failures, failed.run_at = JobState.SCHEDULED, 1, 1, 50.0
+    failed.error = ErrorInfo("ValueError", "bad", "tb", True)
+    cancelled.state, cancelled.attempts, cancelled.finished_at = JobState.CANCELLED, 1, 7.0
+    rows = [db.update_row(j) for j in jobs]
+    assert len(rows[0]) == len(rows[2]) < len(rows[1])
+    db.commit_sync([], rows)
+    for job in jobs:
+        assert as_dict(db.get_sync(job.id)) == as_dict(job)
+    # the failed one succeeds on its second attempt: the whole row again, error cleared
+    failed.state, failed.attempts, failed.error, failed.result, failed.run_at = JobState.COMPLETED, 2, None, 1, None
+    db.commit_sync([], [db.update_row(failed)])
+    assert as_dict(db.get_sync(failed.id)) == as_dict(failed)

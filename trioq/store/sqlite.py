@@ -29,6 +29,7 @@ _NEW_COLUMNS = (
     "seq", "id", "task", "queue", "priority", "state", "payload", "max_attempts", "timeout",
     "run_at", "created_at", "idempotency_key", "owner",
 )
+_FIRST_ATTEMPT_COLUMNS = ("state", "attempts", "started_at", "finished_at", "worker", "result", "run_at", "progress")
 _IMMUTABLE = {"seq", "id", "task", "queue", "priority", "payload", "created_at", "idempotency_key", "owner"}
 _MUTABLE = (
     "state", "attempts", "failures", "worker_losses", "max_attempts", "timeout", "run_at",
@@ -123,6 +124,9 @@ class SQLiteStore(Store):
         )
         self._update = "UPDATE jobs SET {} WHERE seq=?".format(
             ", ".join(f"{c}=?" for c in _MUTABLE)
+        )
+        self._update_first = "UPDATE jobs SET {} WHERE seq=?".format(
+            ", ".join(f"{c}=?" for c in _FIRST_ATTEMPT_COLUMNS)
         )
 
     def _connect(self) -> sqlite3.Connection:
@@ -239,6 +243,14 @@ class SQLiteStore(Store):
     def update_row(self, job: Job) -> tuple:
         err = job.error
         prog = job.progress
+        if job.attempts == 1 and not job.failures and not job.worker_losses and err is None and job.dead_reason is None:
+            # A first attempt that has not failed: the columns left out still hold what the
+            # insert wrote, so fewer values are bound (the common case of a job finishing).
+            return (
+                job.state, job.attempts, job.started_at, job.finished_at, job.worker,
+                None if job.result is None else _dumps(job.result),
+                job.run_at, None if prog is None else _dumps((prog.value, prog.message)), job.seq,
+            )
         return (
             job.state, job.attempts, job.failures, job.worker_losses, job.max_attempts,
             job.timeout, job.run_at, job.started_at, job.finished_at, job.worker,
@@ -262,7 +274,12 @@ class SQLiteStore(Store):
                     if len(fresh) < len(inserts):
                         w.executemany(self._insert, [r for r in inserts if len(r) != n_new])
                 if updates:
-                    w.executemany(self._update, updates)
+                    n_first = len(_FIRST_ATTEMPT_COLUMNS) + 1
+                    first = [r for r in updates if len(r) == n_first]
+                    if first:
+                        w.executemany(self._update_first, first)
+                    if len(first) < len(updates):
+                        w.executemany(self._update, [r for r in updates if len(r) != n_first])
                 if tasks:
                     w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
                 w.execute("COMMIT")
