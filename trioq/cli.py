@@ -154,13 +154,15 @@ def main() -> None:
 @click.option("--allow-unknown-tasks", is_flag=True, envvar="TRIOQ_ALLOW_UNKNOWN_TASKS", help="Accept jobs for tasks no worker has announced.")
 @click.option("--heartbeat-interval", default=2.0, type=click.FloatRange(0.01, 3600), envvar="TRIOQ_HEARTBEAT_INTERVAL", show_default=True)
 @click.option("--heartbeat-timeout", default=10.0, type=click.FloatRange(0.05, 36000), envvar="TRIOQ_HEARTBEAT_TIMEOUT", show_default=True)
-@click.option("--handshake-timeout", default=10.0, type=click.FloatRange(0.1, 600), envvar="TRIOQ_HANDSHAKE_TIMEOUT", show_default=True)
+@click.option("--handshake-timeout", default=10.0, type=click.FloatRange(0.1, 600), envvar="TRIOQ_HANDSHAKE_TIMEOUT", show_default=True, help="Seconds a new connection has to complete TLS.")
+@click.option("--hello-timeout", default=10.0, type=click.FloatRange(0.1, 600), envvar="TRIOQ_HELLO_TIMEOUT", show_default=True, help="Seconds after TLS before the client's HELLO must have arrived.")
 @click.option("--lease-grace", default=5.0, type=click.FloatRange(0, 3600), envvar="TRIOQ_LEASE_GRACE", show_default=True)
 @click.option("--dispatch-mark-delay", default=0.05, type=click.FloatRange(0, 60), envvar="TRIOQ_DISPATCH_MARK_DELAY", show_default=True, help="Journal a job's RUNNING mark this long after dispatch unless it ended first; 0 journals at once.")
 @click.option("--max-frame", default=4 * 1024 * 1024, type=click.IntRange(1024, 1 << 30), envvar="TRIOQ_MAX_FRAME", show_default=True)
 @click.option("--max-batch", default=10_000, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_BATCH", show_default=True)
 @click.option("--max-payload", default=1024 * 1024, type=click.IntRange(16, 1 << 30), envvar="TRIOQ_MAX_PAYLOAD", show_default=True)
-@click.option("--max-connections", default=1024, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_CONNECTIONS", show_default=True)
+@click.option("--max-connections", default=1024, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_CONNECTIONS", show_default=True, help="Connections beyond it are closed at once.")
+@click.option("--max-errors", default=20, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_ERRORS", show_default=True, help="Refused requests on one connection before it is closed.")
 @click.option("--max-queued", default=2_000_000, type=click.IntRange(1, 100_000_000), envvar="TRIOQ_MAX_QUEUED", show_default=True, help="Unfinished jobs held before producers are slowed.")
 @click.option("--max-worker-losses", default=5, type=click.IntRange(1, 1000), envvar="TRIOQ_MAX_WORKER_LOSSES", show_default=True)
 @click.option("--result-ttl", default=7 * 24 * 3600.0, type=click.FloatRange(0), envvar="TRIOQ_RESULT_TTL", show_default=True, help="Seconds finished jobs are kept.")
@@ -178,6 +180,9 @@ def broker(**o: Any) -> None:
     from .broker.server import Broker
     from .tls import ensure_certs, server_context
 
+    if o["workers"] and o["require_client_cert"]:
+        fail("--workers cannot be combined with --require-client-cert: local workers have no client certificate "
+             "(issue one with 'trioq certs client NAME --role worker' and run 'trioq worker --cert ... --key ...')")
     if o["tasks"]:
         load_task_modules(o["tasks"])  # fail early, in the broker, on a bad module
     try:
@@ -201,9 +206,10 @@ def broker(**o: Any) -> None:
         host=o["host"], port=o["port"], certs_dir=o["certs_dir"], sans=tuple(o["san"]),
         tls_min_version=o["tls_min_version"], require_client_cert=o["require_client_cert"], auth_file=auth_file,
         heartbeat_interval=o["heartbeat_interval"], heartbeat_timeout=o["heartbeat_timeout"],
-        handshake_timeout=o["handshake_timeout"], lease_grace=o["lease_grace"],
+        handshake_timeout=o["handshake_timeout"], hello_timeout=o["hello_timeout"], lease_grace=o["lease_grace"],
         dispatch_mark_delay=o["dispatch_mark_delay"], max_frame=o["max_frame"],
         max_batch=o["max_batch"], max_payload=o["max_payload"], max_connections=o["max_connections"],
+        max_errors=o["max_errors"],
         max_queued=o["max_queued"], max_worker_losses=o["max_worker_losses"], result_ttl=o["result_ttl"],
         allow_unknown_tasks=o["allow_unknown_tasks"], tasks=tuple(o["extra_tasks"]), db=o["db"], sync=o["sync"],
         http=o["http"], http_host=o["http_host"], http_port=o["http_port"], http_token=o["http_token"],

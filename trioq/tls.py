@@ -165,11 +165,20 @@ def create_server_cert(paths: CertPaths, extra_sans: list[str] | tuple[str, ...]
 
 
 def ensure_certs(directory: str | os.PathLike[str], sans: list[str] | tuple[str, ...] = ()) -> tuple[CertPaths, bool]:
-    """Create the CA and server certificate if missing; returns (paths, created)."""
+    """Create the CA and server certificate if missing; returns (paths, created).
+
+    Serving needs no CA key, so it may be kept elsewhere; but a CA certificate is never
+    replaced behind the clients' backs: without its key, a missing server certificate is an error.
+    """
     paths = CertPaths.in_dir(directory)
-    if paths.exist():
+    if paths.ca_cert.exists() and paths.server_cert.exists() and paths.server_key.exists():
         return paths, False
-    if not (paths.ca_cert.exists() and paths.ca_key.exists()):
+    if paths.ca_cert.exists() and not paths.ca_key.exists():
+        raise FileNotFoundError(
+            f"{paths.dir} has a CA certificate but not its key ({paths.ca_key.name}): "
+            "issue the server certificate where the CA key is kept, or remove ca.pem to start a new CA"
+        )
+    if not paths.ca_cert.exists():
         create_ca(paths)
     create_server_cert(paths, sans)
     return paths, True

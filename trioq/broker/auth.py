@@ -10,12 +10,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 
 import attrs
+
+log = logging.getLogger("trioq.broker")
 
 ROLES = ("producer", "worker", "admin")
 
@@ -53,10 +57,13 @@ class Authenticator:
     """Checks HELLO tokens; ``open`` when nothing is configured (loopback only)."""
 
     credentials: list[Credential] = attrs.Factory(list)
+    #: mutual TLS authenticates instead: the role comes from the client certificate
+    client_certs: bool = False
 
     @property
     def open(self) -> bool:
-        return not self.credentials
+        """Nobody is asked who they are: every session may do everything."""
+        return not self.credentials and not self.client_certs
 
     def check(self, token: str | None) -> Credential | None:
         if token is None or not isinstance(token, str) or len(token) > 512:
@@ -73,6 +80,9 @@ class Authenticator:
         env = os.environ if env is None else env
         creds: list[Credential] = []
         if auth_file is not None and Path(auth_file).exists():
+            mode = stat.S_IMODE(Path(auth_file).stat().st_mode)
+            if mode & 0o022:
+                log.warning("%s is writable by other users (mode %o): whoever can write it can add tokens", auth_file, mode)
             creds.extend(read_auth_file(auth_file))
         for var, role in ENV_TOKENS.items():
             value = env.get(var)

@@ -73,8 +73,11 @@ class BrokerConfig:
             raise ValueError("heartbeat timeout must be longer than the heartbeat interval")
         if self.tls_min_version not in ("1.2", "1.3"):
             raise ValueError("tls_min_version must be 1.2 or 1.3")
-        for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued"):
+        for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued", "max_errors"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("handshake_timeout", "hello_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number of seconds")
         if self.sync not in ("full", "normal", "off"):
             raise ValueError("sync must be full, normal or off")

@@ -8,6 +8,7 @@ through ``trio.SSLStream``) and, when enabled, the HTTP API.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import ssl
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+import orjson
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
@@ -38,12 +40,23 @@ from .auth import MAY_ACT_AS, Authenticator
 from .config import BrokerConfig, is_loopback
 from .dispatcher import CALL, SUBMIT, Dispatcher, RetryPolicy, WorkerSlot
 from .events import EventHub
-from .sessions import ProducerSession, RequestError, WorkerSession, make_jobs, validate_specs
+from .sessions import (
+    NAME_RE,
+    ProducerSession,
+    RequestError,
+    WorkerSession,
+    make_jobs,
+    validate_specs,
+)
 
 log = logging.getLogger("trioq.broker")
 
 BACKPRESSURE_WAIT = 30.0
 RECENT_JOBS = 50_000
+#: orjson reads 1024 levels of nesting but writes only 253, and frames wrap a payload in 3 more:
+#: a payload must fit in every frame that will carry it (dispatch, job replies, the store).
+MAX_PAYLOAD_DEPTH = 249
+MAX_NAME = 200  # characters in a HELLO name
 
 
 @attrs.frozen
@@ -99,11 +112,21 @@ class Broker:
         self.now = now
         self.ssl_context = ssl_context
         self.auth = authenticator if authenticator is not None else Authenticator.load(config.auth_file)
-        if self.auth.open and not is_loopback(config.host):
-            raise ValueError(
-                f"refusing to listen on {config.host} without authentication: configure tokens "
-                "(--auth-file or TRIOQ_*_TOKEN) or bind to a loopback address"
-            )
+        if config.require_client_cert:
+            self.auth.client_certs = True
+            if ssl_context is not None and ssl_context.verify_mode != ssl.CERT_REQUIRED:
+                raise ValueError(
+                    "require_client_cert is set but the TLS context does not ask for client certificates "
+                    "(build it with server_context(..., require_client_cert=True))"
+                )
+        if not is_loopback(config.host):
+            if ssl_context is None:
+                raise ValueError(f"refusing to listen on {config.host} without TLS")
+            if self.auth.open:
+                raise ValueError(
+                    f"refusing to listen on {config.host} without authentication: configure tokens "
+                    "(--auth-file or TRIOQ_*_TOKEN), or --require-client-cert, or bind to a loopback address"
+                )
         self.dispatcher = Dispatcher(
             now=now,
             retry=RetryPolicy(base=config.retry_base, max_delay=config.retry_max, jitter=config.retry_jitter),
@@ -154,14 +177,21 @@ class Broker:
         port = listeners[0].socket.getsockname()[1]
         self.port = port
         await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+        if cfg.require_client_cert:
+            auth = "client certificates"
+        elif self.auth.open:
+            auth = "OPEN (loopback only)"
+        else:
+            auth = f"{len(self.auth.credentials)} token(s)"
         log.info(
             "broker listening on %s:%d (TLS %s, auth %s, store %s)",
-            cfg.host, port, "on" if self.ssl_context else "OFF",
-            "OPEN (loopback only)" if self.auth.open else f"{len(self.auth.credentials)} token(s)",
-            self.store.description,
+            cfg.host, port, "on" if self.ssl_context else "OFF", auth, self.store.description,
         )
         if self.auth.open:
-            log.warning("no tokens configured: any local process may submit and fetch jobs (loopback only)")
+            log.warning(
+                "OPEN MODE: no tokens configured: any local process may submit, read, cancel and run jobs "
+                "(loopback only; create tokens with 'trioq token create' and pass --auth-file)"
+            )
         if cfg.http:
             from ..http.server import serve_http
 
@@ -252,38 +282,47 @@ class Broker:
             return
         self.connections += 1
         try:
-            if self.ssl_context is None:
-                await self.serve_connection(stream, peer)
-                return
-            tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
-            with trio.move_on_after(self.config.handshake_timeout) as cs:
-                try:
-                    await tls.do_handshake()
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    cause = exc.__cause__ or exc
-                    log.warning("connection from %s refused: TLS handshake failed: %s", peer, _short(cause))
-                    await _close_quietly(stream)
-                    return
-            if cs.cancelled_caught:
-                log.warning("connection from %s refused: no TLS handshake within %gs", peer, self.config.handshake_timeout)
-                await _close_quietly(stream)
-                return
-            cert_role = None
-            if self.config.require_client_cert:
-                from ..tls import role_from_peer_cert
-
-                _, cert_role = role_from_peer_cert(tls.getpeercert(binary_form=True))
-            await self.serve_connection(tls, peer, cert_role=cert_role)
+            await self._serve_tcp(stream, peer)
+        except Exception:  # a bug must cost one connection, never the broker
+            log.exception("connection from %s failed", peer)
+            await _close_quietly(stream)
         finally:
             self.connections -= 1
 
-    async def serve_connection(self, stream: trio.abc.Stream, peer: str = "memory", *, cert_role: str | None = None) -> None:
+    async def _serve_tcp(self, stream: trio.SocketStream, peer: str) -> None:
+        """TLS within the handshake timeout, then the trioq protocol."""
+        if self.ssl_context is None:
+            await self.serve_connection(stream, peer)
+            return
+        tls = trio.SSLStream(stream, self.ssl_context, server_side=True)
+        with trio.move_on_after(self.config.handshake_timeout) as cs:
+            try:
+                await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__ or exc
+                log.warning("connection from %s refused: TLS handshake failed: %s", peer, _short(cause))
+                await _close_quietly(stream)
+                return
+        if cs.cancelled_caught:
+            log.warning("connection from %s refused: no TLS handshake within %gs", peer, self.config.handshake_timeout)
+            await _close_quietly(stream)
+            return
+        cert_name = cert_role = None
+        if self.config.require_client_cert:
+            from ..tls import role_from_peer_cert
+
+            cert_name, cert_role = role_from_peer_cert(tls.getpeercert(binary_form=True))
+        await self.serve_connection(tls, peer, cert_role=cert_role, cert_name=cert_name)
+
+    async def serve_connection(
+        self, stream: trio.abc.Stream, peer: str = "memory", *, cert_role: str | None = None, cert_name: str | None = None
+    ) -> None:
         """Speak trioq over an established stream until it ends; never raises to the caller."""
         conn = FramedConnection(stream, max_frame=self.config.max_frame)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_writer, conn, nursery.cancel_scope)
             try:
-                await self._session(conn, peer, cert_role)
+                await self._session(conn, peer, cert_role, cert_name)
             except ProtocolError as exc:
                 log.warning("connection from %s closed: %s: %s", peer, exc.code.value, exc.message)
                 try:
@@ -292,6 +331,12 @@ class Broker:
                     pass
             except ConnectionLost:
                 pass
+            except Exception:  # a bug must cost one connection, never the broker
+                log.exception("connection from %s closed: internal error", peer)
+                try:
+                    conn.send_nowait(Error(ErrorCode.INTERNAL.value, "internal error (see the broker log)", fatal=True))
+                except ConnectionLost:
+                    pass
             finally:
                 conn.close_after_flush()
                 with trio.move_on_after(2):
@@ -299,7 +344,7 @@ class Broker:
                 nursery.cancel_scope.cancel()
         await conn.aclose()
 
-    async def _session(self, conn: FramedConnection, peer: str, cert_role: str | None) -> None:
+    async def _session(self, conn: FramedConnection, peer: str, cert_role: str | None, cert_name: str | None = None) -> None:
         cfg = self.config
         hello = None
         with trio.move_on_after(cfg.hello_timeout):
@@ -312,7 +357,8 @@ class Broker:
             raise ProtocolError(ErrorCode.VERSION, f"protocol version {hello.version} is not supported (broker speaks {PROTOCOL_VERSION})")
         if hello.role not in ROLES:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"role must be one of {', '.join(ROLES)}")
-        owner = self._authenticate(hello, cert_role, peer)
+        owner = self._authenticate(hello, cert_role, cert_name)
+        check_hello(hello)
         session_id = secrets.token_hex(4)
         conn.send_nowait(
             Welcome(
@@ -331,13 +377,14 @@ class Broker:
         else:
             await ProducerSession(self, conn, hello, peer, session_id, owner, hello.role).run()
 
-    def _authenticate(self, hello: Hello, cert_role: str | None, peer: str) -> str | None:
+    def _authenticate(self, hello: Hello, cert_role: str | None, cert_name: str | None) -> str | None:
+        """The session's owner (a credential name), or a fatal ERROR."""
         if self.config.require_client_cert:
             if cert_role not in MAY_ACT_AS:
                 raise ProtocolError(ErrorCode.UNAUTHENTICATED, "client certificate carries no trioq role")
             if hello.role not in MAY_ACT_AS[cert_role]:
                 raise ProtocolError(ErrorCode.FORBIDDEN, f"a {cert_role} certificate cannot open a {hello.role} session")
-            return f"cert:{cert_role}"
+            return f"cert:{cert_name or cert_role}"  # each certificate owns its jobs
         if self.auth.open:
             return None
         cred = self.auth.check(hello.token)
@@ -414,6 +461,9 @@ class Broker:
 
     async def submit(self, specs: list[JobSpec], *, owner: str | None = None, frame_size: int | None = None) -> tuple[list[str], list[bool]]:
         validate_specs(specs, self)
+        # A frame of n bytes nests at most n/2 deep: small frames need no depth check.
+        if frame_size is None or frame_size > 2 * MAX_PAYLOAD_DEPTH:
+            check_payload_depth(specs)
         d = self.dispatcher
         if not d.has_room(self.config.max_queued):
             with trio.move_on_after(BACKPRESSURE_WAIT):
@@ -473,6 +523,8 @@ class Broker:
         return self.dispatcher.live.get(job_id) or self._recent.get(job_id) or job
 
     async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None) -> JobPage:
+        if cursor is not None and not 0 <= cursor < 2**63:
+            raise RequestError(ErrorCode.INVALID_FIELD, "cursor must be a next_cursor of an earlier page")
         store = self.store
         if store.inline:
             return store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor)
@@ -625,6 +677,32 @@ class Broker:
 
     def workers(self) -> list[dict[str, Any]]:
         return [worker_view(s) for s in self.dispatcher.workers.values()]
+
+
+def check_hello(hello: Hello) -> None:
+    """Refuse HELLO values that would end up in logs, jobs or the store unchecked."""
+    if len(hello.name) > MAX_NAME or not hello.name.isprintable():
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"name must be at most {MAX_NAME} printable characters")
+    for task, defaults in hello.defaults.items():
+        if not NAME_RE.match(task):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"bad task name {task[:50]!r} in defaults")
+        if defaults.max_attempts is not None and not 1 <= defaults.max_attempts <= 1000:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"defaults for {task}: max_attempts must be 1-1000")
+        if defaults.timeout is not None and not (math.isfinite(defaults.timeout) and defaults.timeout > 0):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"defaults for {task}: timeout must be a positive finite number")
+
+
+def check_payload_depth(specs: list[JobSpec]) -> None:
+    """Refuse payloads nested too deeply to be written back out (stored, dispatched, answered)."""
+    for i, spec in enumerate(specs):
+        payload = spec.payload
+        if type(payload) is dict or type(payload) is list:
+            try:
+                orjson.dumps([[[[payload]]]])  # 4 levels of margin for the frames around it
+            except TypeError:
+                raise RequestError(
+                    ErrorCode.INVALID_FIELD, f"job {i}: payload nests deeper than {MAX_PAYLOAD_DEPTH} levels"
+                ) from None
 
 
 def worker_view(slot: WorkerSlot) -> dict[str, Any]:
