@@ -20,6 +20,7 @@ import attrs
 import orjson
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -330,6 +331,8 @@ async def test_a_thousand_connections_at_once(
         # the held connections end with their clients; the slots come back
         with trio.fail_after(10):
             await ended.wait_for(limit - 2)
+            # each handler logs, then gives its slot back as it unwinds: let them all finish
+            await trio.testing.wait_all_tasks_blocked()
         assert env.broker.connections == 2
         await env.ledger.check()
         async with trioq.Client("127.0.0.1", env.port, ca=env.ca) as c:
@@ -955,3 +958,34 @@ async def test_forged_stale_and_repeated_results(
         a.send_nowait(Result([Outcome(second, 2, True, "new")]))
         assert (await c.result(second, timeout=10)).result == "new"
         assert broker.stats()["completed_total"] == 2
+
+
+async def test_a_result_nested_too_deeply_fails_its_job_not_the_writer(
+    nursery: trio.Nursery, certs: CertPaths, tmp_path: Path
+) -> None:
+    """A worker's RESULT nested 300 deep once killed the SQLite writer (orjson writes 253)."""
+    broker = Broker(
+        BrokerConfig(port=0, http=False, db=str(tmp_path / "deep.db"), tasks=("hand",)),
+        ssl_context=server_context(certs),
+    )
+    h = await nursery.start(broker.serve)
+    w = await open_raw(nursery, h.port, certs.ca_cert, writer=False)
+    await w.stream.send_all(frame(Hello(PROTOCOL_VERSION, "worker", "deep", concurrency=1, tasks=["hand"])))
+    assert isinstance(await w.receive(), Welcome)
+    async with trioq.Client("127.0.0.1", h.port, ca=certs.ca_cert) as c:
+        first = await c.submit("hand", {})
+        with trio.fail_after(10):
+            while not isinstance(msg := await w.receive(), Dispatch) or not msg.jobs:
+                pass
+        d = msg.jobs[0]
+        deep = b"[" * 300 + b"]" * 300
+        body = b'{"t":"result","outcomes":[{"id":"' + d.id.encode() + b'","attempt":1,"ok":true,"result":' + deep + b"}]}"
+        await w.stream.send_all(HEADER.pack(len(body)) + body)
+        job = await c.result(first, timeout=10)
+        assert job.state is JobState.DEAD and job.error.type == "InvalidResult" and job.result is None
+        # the writer lives: new jobs are acknowledged and the dead one is on disk as dead
+        second = await c.submit("hand", {})
+        assert (await c.get_job(second)).state in (JobState.QUEUED, JobState.RUNNING)
+        assert broker.writer.healthy
+    got = await trio.to_thread.run_sync(broker.store.get_sync, first)
+    assert got is not None and got.state is JobState.DEAD

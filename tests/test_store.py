@@ -457,3 +457,12 @@ def test_updates_of_first_and_later_attempts_keep_every_field(db):
     failed.state, failed.attempts, failed.error, failed.result, failed.run_at = JobState.COMPLETED, 2, None, 1, None
     db.commit_sync([], [db.update_row(failed)])
     assert as_dict(db.get_sync(failed.id)) == as_dict(failed)
+
+
+async def test_delayed_jobs_are_stored_as_scheduled(tmp_path, nursery):
+    broker = Broker(BrokerConfig(http=False, db=str(tmp_path / "d.db")), store=SQLiteStore(tmp_path / "d.db"))
+    await broker.start_core(nursery)
+    (later,), _ = await broker.submit([JobSpec("noop", {}, delay=3600)])
+    (now,), _ = await broker.submit([JobSpec("noop", {})])
+    by_state = {s: [j.id for j in broker.store.list_sync(state=s).jobs] for s in (JobState.SCHEDULED, JobState.QUEUED)}
+    assert by_state == {JobState.SCHEDULED: [later], JobState.QUEUED: [now]}

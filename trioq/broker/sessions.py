@@ -19,7 +19,7 @@ import orjson
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
-from ..job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState
+from ..job import MAX_PRIORITY, MIN_PRIORITY, ErrorInfo, Job, JobSpec, JobState
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import (
     Abort,
@@ -37,6 +37,7 @@ from ..protocol.messages import (
     JobsReply,
     ListJobs,
     Message,
+    Outcome,
     ProgressReport,
     Release,
     Result,
@@ -109,6 +110,16 @@ class Session:
                     ErrorCode.TOO_MANY_ERRORS, f"more than {self.broker.config.max_errors} rejected messages on this connection"
                 )
         self.conn.send_nowait(Error(code.value, message, req=req))
+
+
+def _storable(oc: Outcome) -> Outcome:
+    """A result nested too deeply to be written back out fails its attempt, not the broker."""
+    try:
+        orjson.dumps([[[[oc.result]]]])  # the margin of the frames and rows around it
+    except TypeError:
+        return Outcome(oc.id, oc.attempt, False, None, ErrorInfo(
+            "InvalidResult", "the worker reported a result nested too deeply to store", "", False))
+    return oc
 
 
 # --- producers -------------------------------------------------------------------------------
@@ -281,6 +292,7 @@ def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None, frame_siz
     for i, s in enumerate(specs):
         defaults = task_defaults.get(s.task, _NO_DEFAULTS)
         run_at = s.run_at if s.run_at is not None else (now + s.delay if s.delay else None)
+        state = JobState.SCHEDULED if run_at is not None and run_at > now else JobState.QUEUED
         jobs.append(
             Job(
                 id=ids[i],
@@ -292,6 +304,7 @@ def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None, frame_siz
                 max_attempts=s.max_attempts or defaults.get("max_attempts") or broker.default_max_attempts,
                 timeout=s.timeout if s.timeout is not None else defaults.get("timeout"),
                 run_at=run_at,
+                state=state,
                 created_at=now,
                 idempotency_key=s.idempotency_key,
                 owner=owner,
@@ -398,6 +411,8 @@ class WorkerSession(Session):
         for oc in msg.outcomes:
             key = (oc.id, oc.attempt)
             if dispatcher.is_current(slot, oc.id, oc.attempt) and key not in recent:
+                if type(oc.result) is dict or type(oc.result) is list:
+                    oc = _storable(oc)
                 good.append(oc)
                 self._end_lease(oc.id)
                 recent[key] = None

@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from ..errors import StoreError
-from ..job import Job
+from ..job import ErrorInfo, Job
 from .base import Store
 
 log = logging.getLogger("trioq.store")
@@ -143,8 +143,22 @@ class StoreWriter:
         # The snapshot is taken here, on the event loop: rows are consistent.
         row = store.insert_row
         update_row = store.update_row
-        inserts = [row(job) for job in pending.values() if job.id in new]
-        updates = [update_row(job) for job in pending.values() if job.id not in new]
+        try:
+            inserts = [row(job) for job in pending.values() if job.id in new]
+            updates = [update_row(job) for job in pending.values() if job.id not in new]
+        except Exception:  # a value no row can hold: that job's result, not the writer, pays
+            inserts, updates = [], []
+            for job in pending.values():
+                build = row if job.id in new else update_row
+                try:
+                    r = build(job)
+                except Exception as exc:
+                    log.error("job %s cannot be stored as it is (%s): its result is dropped", job.id, exc)
+                    job.result = None
+                    job.progress = None
+                    job.error = ErrorInfo("Unstorable", f"the job's result could not be stored: {exc}", "", False)
+                    r = build(job)
+                (inserts if job.id in new else updates).append(r)
         # What each row says, as of the snapshot: the job object may move on before the commit.
         states = [(job, job.state) for job in pending.values()]
         rows = inserts
