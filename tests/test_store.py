@@ -466,3 +466,22 @@ async def test_delayed_jobs_are_stored_as_scheduled(tmp_path, nursery):
     (now,), _ = await broker.submit([JobSpec("noop", {})])
     by_state = {s: [j.id for j in broker.store.list_sync(state=s).jobs] for s in (JobState.SCHEDULED, JobState.QUEUED)}
     assert by_state == {JobState.SCHEDULED: [later], JobState.QUEUED: [now]}
+
+
+async def test_a_writer_stopped_before_its_commit_leaves_every_row_to_the_final_flush(tmp_path):
+    """The broker stopping between a batch's receipt and its commit once lost those rows."""
+    store = SQLiteStore(tmp_path / "stop.db")
+    store.open_sync()
+    writer = StoreWriter(store)
+    jobs = [make_job(s, store) for s in (1, 2, 3)]
+    store.write_sync([store.row(j) for j in jobs])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for j in jobs:
+            j.state, j.attempts, j.finished_at = JobState.COMPLETED, 1, 9.0
+        writer.write_nowait(jobs)  # the writer wakes with the batch in hand...
+        nursery.cancel_scope.cancel()  # ...and is cancelled before its commit can start
+    assert writer.commits == 0
+    assert writer.flush_sync() == 3
+    assert [store.get_sync(j.id).state for j in jobs] == [JobState.COMPLETED] * 3
+    store.close_sync()

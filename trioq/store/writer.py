@@ -184,6 +184,11 @@ class StoreWriter:
             # Do not spin on a broken disk: back off a little before the next try.
             await trio.sleep(0.05)
             return
+        except BaseException:
+            # Cancelled before the commit began (the broker is stopping): nothing was written,
+            # so everything goes back for flush_sync, or a clean stop would lose these rows.
+            self._dirty.update(pending)
+            raise
         if not self.healthy:
             log.warning("store writes succeed again")
         self.healthy = True
