@@ -19,7 +19,16 @@ import orjson
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
-from ..job import MAX_PRIORITY, MIN_PRIORITY, ErrorInfo, Job, JobSpec, JobState
+from ..job import (
+    EMPTY_PAYLOAD,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    ErrorInfo,
+    Job,
+    JobSpec,
+    JobState,
+    shared_name,
+)
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import (
     Abort,
@@ -297,10 +306,10 @@ def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None, frame_siz
             Job(
                 id=ids[i],
                 seq=first + i,
-                task=s.task,
-                payload=s.payload,
+                task=shared_name(s.task),
+                payload=EMPTY_PAYLOAD if type(s.payload) is dict and not s.payload else s.payload,
                 priority=s.priority,
-                queue=s.queue,
+                queue=shared_name(s.queue),
                 max_attempts=s.max_attempts or defaults.get("max_attempts") or broker.default_max_attempts,
                 timeout=s.timeout if s.timeout is not None else defaults.get("timeout"),
                 run_at=run_at,

@@ -15,7 +15,16 @@ from typing import Any
 
 import orjson
 
-from ..job import ErrorInfo, Job, JobIds, JobState, Progress
+from ..job import (
+    EMPTY_PAYLOAD,
+    STATE_BY_VALUE,
+    ErrorInfo,
+    Job,
+    JobIds,
+    JobState,
+    Progress,
+    shared_name,
+)
 from .base import JobPage, Recovered, Store
 
 SCHEMA_VERSION = 2
@@ -338,9 +347,11 @@ class SQLiteStore(Store):
     def _job(r: Sequence[Any]) -> Job:
         err = _loads(r[18]) if r[18] is not None else None
         prog = _loads(r[19]) if r[19] is not None else None
+        payload = r[6]
         return Job(
-            seq=r[0], id=r[1], task=r[2], queue=r[3], priority=r[4], state=JobState(r[5]),
-            payload=_loads(r[6]) if r[6] is not None else None,
+            seq=r[0], id=r[1], task=shared_name(r[2]), queue=shared_name(r[3]), priority=r[4],
+            state=STATE_BY_VALUE[r[5]],
+            payload=EMPTY_PAYLOAD if payload == b"{}" else _loads(payload) if payload is not None else None,
             attempts=r[7], failures=r[8], worker_losses=r[9], max_attempts=r[10],
             timeout=r[11], run_at=r[12], created_at=r[13], started_at=r[14],
             finished_at=r[15], worker=r[16],
