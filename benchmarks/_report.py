@@ -31,7 +31,7 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "commit": commit,
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": " ".join([Path(sys.executable).name, "-m", *sys.argv]) if sys.argv else "",
+        "command": _command(),
     }
 
 
@@ -58,3 +58,12 @@ def save(name: str, data: dict[str, Any], path: str | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n")
     return out
+
+
+def _command() -> str:
+    """How this run was started, as ``python -m benchmarks.NAME ARGS``."""
+    if not sys.argv:
+        return ""
+    script = Path(sys.argv[0])
+    module = f"benchmarks.{script.stem}" if script.suffix == ".py" else sys.argv[0]
+    return " ".join(["python", "-m", module, *sys.argv[1:]])
