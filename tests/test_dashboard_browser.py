@@ -8,7 +8,8 @@ Playwright's sync API cannot run inside Trio's event loop, so these are plain sy
 (pytest-trio leaves them alone) and the broker is a ``subprocess.Popen`` child whose
 stderr is read by a thread: readiness comes from its log lines, never from sleeping.
 
-``TRIOQ_SAVE_SCREENSHOT=1`` also writes the final screenshot to ``docs/dashboard.png``.
+Every run writes the final screenshot to ``test-artifacts/dashboard.png``; ``TRIOQ_SAVE_SCREENSHOT=1``
+also copies it to ``docs/dashboard.png``, the one the README shows.
 """
 
 from __future__ import annotations
@@ -559,7 +560,10 @@ def test_no_console_errors_and_a_screenshot(dash: Dashboard, tmp_path: Path) -> 
     assert_same_page(d)
 
     d.page.evaluate("() => window.scrollTo(0, 0)")  # the top bar is sticky
-    shot = tmp_path / "dashboard.png"
+    # every run leaves its screenshot in test-artifacts/ (git-ignored), for CI and for people
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "dashboard.png"
     d.page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000
     if os.environ.get("TRIOQ_SAVE_SCREENSHOT") == "1":
