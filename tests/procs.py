@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import trio
@@ -83,3 +85,74 @@ class TrioqProcess:
         if self.proc.returncode is None:
             self.kill9()
             await self.proc.wait()
+
+
+class BrokerProcess:
+    """A ``python -m trioq broker`` child for sync tests; its stderr lines are collected by a thread."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.cwd = cwd
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trioq", *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, *, after: int = 0, within: float = 30.0) -> tuple[re.Match[str], int]:
+        """The first log line from index ``after`` on matching ``pattern``, and its index
+        (the broker's own readiness signal)."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + within
+        i = after
+        with self._cond:
+            while True:
+                while i < len(self.lines):  # resume where the last pass stopped
+                    m = rx.search(self.lines[i])
+                    if m:
+                        return m, i
+                    i += 1
+                if self.proc.poll() is not None and not self._reader.is_alive():
+                    raise AssertionError(f"broker exited ({self.proc.returncode}):\n" + self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"no log line matching {pattern!r} within {within}s:\n" + self.tail()
+                    )
+                self._cond.wait(left)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group (broker and its worker), SIGKILL after a bounded wait."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+        try:  # a worker left behind in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._reader.join(5)

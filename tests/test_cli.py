@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,64 +20,11 @@ from click.testing import CliRunner
 
 from trioq.cli import main
 
-from .procs import free_port
+from .procs import BrokerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
 UNKNOWN = "0123456789abcdef"
-
-
-class BrokerProcess:
-    """A ``trioq broker`` child whose stderr lines are collected by a thread."""
-
-    def __init__(self, args: list[str], cwd) -> None:
-        self.cwd = cwd
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trioq", *args], cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: str, *, after: int = 0, within: float = 30.0) -> tuple[re.Match[str], int]:
-        """The first line from index ``after`` on that matches, and its index (readiness by log line)."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + within
-        i = after
-        with self._cond:
-            while True:
-                while i < len(self.lines):
-                    m = rx.search(self.lines[i])
-                    if m:
-                        return m, i
-                    i += 1
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"broker exited ({self.proc.returncode}):\n" + "\n".join(self.lines[-30:]))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no line matching {pattern!r} within {within}s:\n" + "\n".join(self.lines[-30:]))
-                self._cond.wait(left)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,8 @@ import datetime as dt
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import pytest
 from cryptography import x509
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
-from .procs import free_port
+from .procs import BrokerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,76 +45,6 @@ CHROMIUM_ARGS = [
 REPO = Path(__file__).resolve().parent.parent
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 WAIT_MS = 15_000  # every browser-side wait is bounded by this
-
-
-class BrokerProcess:
-    """A ``python -m trioq broker`` child; its stderr lines are collected by a thread."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        self.cwd = cwd
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trioq", *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: str, within: float = 30.0) -> re.Match[str]:
-        """The first log line matching ``pattern`` (the broker's own readiness signal)."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + within
-        i = 0
-        with self._cond:
-            while True:
-                while i < len(self.lines):  # resume where the last pass stopped
-                    m = rx.search(self.lines[i])
-                    if m:
-                        return m
-                    i += 1
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise AssertionError(f"broker exited ({self.proc.returncode}):\n" + self.tail())
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(
-                        f"no log line matching {pattern!r} within {within}s:\n" + self.tail()
-                    )
-                self._cond.wait(left)
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.lines[-n:])
-
-    def stop(self) -> None:
-        """SIGTERM to the whole group (broker and its worker), SIGKILL after a bounded wait."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
-        try:  # a worker left behind in the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._reader.join(5)
 
 
 class Dashboard:
