@@ -59,7 +59,9 @@ METHOD = (
     "time + drain time (worker boot excluded, see startup_seconds); completed = distinct job "
     "indices executed. latency: 2 idle, warmed-up worker processes; M jobs submitted one at a "
     "time, each awaited through the peer's result path; submit-to-result percentiles. trioq's "
-    "numbers come from benchmarks.trioq_bench, which measures in its own way (see its docstring)."
+    "numbers come from benchmarks.trioq_bench the same way: the queue is filled with no worker "
+    "running, then 2 worker processes drain it; drain_rate = completed / (first dispatch - last "
+    "finish) as the broker recorded them in its journal."
 )
 
 
