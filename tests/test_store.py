@@ -485,3 +485,25 @@ async def test_a_writer_stopped_before_its_commit_leaves_every_row_to_the_final_
     assert writer.flush_sync() == 3
     assert [store.get_sync(j.id).state for j in jobs] == [JobState.COMPLETED] * 3
     store.close_sync()
+
+
+def test_recovery_reads_untouched_and_used_jobs_alike(tmp_path):
+    """Recovery reads never-run jobs with fewer columns: they must come back whole, in seq order."""
+    store = SQLiteStore(tmp_path / "rec.db")
+    store.open_sync()
+    jobs = [
+        make_job(1, store, priority=2, queue="high", timeout=3.0, idempotency_key="a", owner="o"),
+        make_job(2, store, state=JobState.RUNNING, attempts=1, started_at=5.0, worker="w"),
+        make_job(3, store, run_at=99.0, state=JobState.SCHEDULED),
+        make_job(4, store, state=JobState.SCHEDULED, attempts=1, failures=1, run_at=50.0,
+                 error=ErrorInfo("E", "m", "tb", True)),
+        make_job(5, store, state=JobState.COMPLETED, attempts=1, finished_at=6.0, result=1),
+        make_job(6, store, payload={"x": [1]}),
+    ]
+    store.write_sync([store.row(j) for j in jobs])
+    store.close_sync()
+    again = SQLiteStore(tmp_path / "rec.db")
+    rec = again.open_sync()
+    assert [j.seq for j in rec.jobs] == [1, 2, 3, 4, 6]
+    assert [as_dict(j) for j in rec.jobs] == [as_dict(j) for j in jobs if not j.state.terminal]
+    again.close_sync()

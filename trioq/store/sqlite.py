@@ -38,6 +38,11 @@ _NEW_COLUMNS = (
     "seq", "id", "task", "queue", "priority", "state", "payload", "max_attempts", "timeout",
     "run_at", "created_at", "idempotency_key", "owner",
 )
+#: A row still as it was inserted: every column left out of _NEW_COLUMNS at its default.
+_PRISTINE = (
+    "(attempts = 0 AND failures = 0 AND worker_losses = 0 AND started_at IS NULL AND finished_at IS NULL "
+    "AND worker IS NULL AND result IS NULL AND error IS NULL AND progress IS NULL AND dead_reason IS NULL)"
+)
 _FIRST_ATTEMPT_COLUMNS = ("state", "attempts", "started_at", "finished_at", "worker", "result", "run_at", "progress")
 _IMMUTABLE = {"seq", "id", "task", "queue", "priority", "payload", "created_at", "idempotency_key", "owner"}
 _MUTABLE = (
@@ -158,17 +163,42 @@ class SQLiteStore(Store):
         (legacy,) = w.execute("SELECT value FROM meta WHERE key='legacy_id_max_seq'").fetchone() or (0,)
         self._legacy_max_seq = int(legacy)
         self._r = self._connect() if self.path != ":memory:" else w
-        jobs = [
-            self._job(r)
-            for r in w.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq",
-                UNFINISHED,
-            )
-        ]
+        jobs = self._unfinished(w)
         (max_seq,) = w.execute("SELECT max(seq) FROM jobs").fetchone()
         tasks = [r[0] for r in w.execute("SELECT name FROM tasks ORDER BY name")]
         paused = [r[0] for r in w.execute("SELECT name FROM paused_queues ORDER BY name")]
         return Recovered(jobs, (max_seq or 0) + 1, tasks, paused, self.job_ids)
+
+    def _unfinished(self, w: sqlite3.Connection) -> list[Job]:
+        """Unfinished jobs in seq order, for the dispatcher's heaps.
+
+        Most of them were never run: they are read with the columns a new job has, which is
+        twice as fast on a million rows (sqlite3 pays per column); the few others in full.
+        """
+        fresh = w.execute(
+            f"SELECT {', '.join(_NEW_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND {_PRISTINE} ORDER BY seq",
+            UNFINISHED,
+        ).fetchall()
+        used = w.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND NOT {_PRISTINE} ORDER BY seq",
+            UNFINISHED,
+        ).fetchall()
+        new_job = self._new_job
+        jobs = [new_job(r) for r in fresh]
+        if used:
+            jobs.extend(self._job(r) for r in used)
+            jobs.sort(key=lambda j: j.seq)
+        return jobs
+
+    @staticmethod
+    def _new_job(r: Sequence[Any]) -> Job:
+        payload = r[6]
+        return Job(
+            r[1], r[0], shared_name(r[2]),
+            EMPTY_PAYLOAD if payload == b"{}" else _loads(payload) if payload is not None else None,
+            r[4], shared_name(r[3]), STATE_BY_VALUE[r[5]],
+            max_attempts=r[7], timeout=r[8], run_at=r[9], created_at=r[10], idempotency_key=r[11], owner=r[12],
+        )
 
     @staticmethod
     def _id_key(conn: sqlite3.Connection) -> bytes:
