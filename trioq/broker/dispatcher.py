@@ -170,17 +170,37 @@ class Dispatcher:
         """Put recovered unfinished jobs back in line; running ones count as lost."""
         self._next_seq = max(self._next_seq, next_seq)
         requeued: list[Job] = []
+        live = self.live
+        buckets = self._buckets
+        now = self.now()
+        queued = JobState.QUEUED
+        n = 0
         for job in jobs:
             if job.state is JobState.RUNNING:
                 job.worker = None
-                self._lose(job)
+                self._lose(job)  # requeued through _enqueue, or dead
                 requeued.append(job)
                 if job.state.terminal:
                     continue
-            self.live[job.id] = job
+                live[job.id] = job
+            else:
+                live[job.id] = job
+                if job.run_at is not None and job.run_at > now:
+                    self._enqueue(job)  # scheduled
+                else:
+                    # The common case, a million times at a restart: appended here, one
+                    # heapify per bucket below instead of a push each.
+                    job.state = queued
+                    bucket = buckets.get((job.queue, job.task))
+                    if bucket is None:
+                        bucket = buckets[(job.queue, job.task)] = []
+                    bucket.append((job.priority, job.seq, job))
+                    n += 1
             if job.idempotency_key:
                 self.idempotency[job.idempotency_key] = job
-            self._enqueue(job)
+        self.n_queued += n
+        for bucket in buckets.values():
+            heapq.heapify(bucket)
         return requeued
 
     # --- the inbox ---------------------------------------------------------------

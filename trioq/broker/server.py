@@ -209,15 +209,22 @@ class Broker:
         gc.disable()
         try:
             recovered = store.open_sync() if store.inline else await trio.to_thread.run_sync(store.open_sync)
-            counts = store.counts_sync() if store.inline else await trio.to_thread.run_sync(store.counts_sync)
             d = self.dispatcher
             d.known_tasks.update(BUILTIN_TASKS)
             d.known_tasks.update(self.config.tasks)
             d.known_tasks.update(recovered.tasks)
             d.paused.update(recovered.paused_queues)
             self.job_ids = recovered.job_ids
-            self._seed_finished(counts)
-            requeued = d.restore(recovered.jobs, recovered.next_seq)
+            if store.inline:
+                self._seed_finished(store.counts_sync())
+                requeued = d.restore(recovered.jobs, recovered.next_seq)
+            else:
+                # The counts scan the whole table in SQLite (the GIL released) while the heaps
+                # are built here.
+                async with trio.open_nursery() as counting:
+                    counting.start_soon(self._count_finished)
+                    await trio.lowlevel.checkpoint()  # the counting thread starts first
+                    requeued = d.restore(recovered.jobs, recovered.next_seq)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -237,6 +244,9 @@ class Broker:
         await nursery.start(d.run)
         nursery.start_soon(self._purge_loop)
         nursery.start_soon(self._mark_loop)
+
+    async def _count_finished(self) -> None:
+        self._seed_finished(await trio.to_thread.run_sync(self.store.counts_sync))
 
     def _seed_finished(self, counts: dict[str, dict[str, int]]) -> None:
         terminal = {s.value for s in TERMINAL_STATES}
