@@ -7,6 +7,7 @@ write. ``synchronous=FULL`` by default: a commit is on disk when it returns.
 
 from __future__ import annotations
 
+import heapq
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -175,20 +176,22 @@ class SQLiteStore(Store):
         Most of them were never run: they are read with the columns a new job has, which is
         twice as fast on a million rows (sqlite3 pays per column); the few others in full.
         """
-        fresh = w.execute(
+        used = [
+            self._job(r)
+            for r in w.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND NOT {_PRISTINE} ORDER BY seq",
+                UNFINISHED,
+            )
+        ]
+        # Row by row, not fetchall(): a million rows held at once would stay in the process's
+        # memory long after they are freed.
+        fresh = map(self._new_job, w.execute(
             f"SELECT {', '.join(_NEW_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND {_PRISTINE} ORDER BY seq",
             UNFINISHED,
-        ).fetchall()
-        used = w.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?, ?) AND NOT {_PRISTINE} ORDER BY seq",
-            UNFINISHED,
-        ).fetchall()
-        new_job = self._new_job
-        jobs = [new_job(r) for r in fresh]
-        if used:
-            jobs.extend(self._job(r) for r in used)
-            jobs.sort(key=lambda j: j.seq)
-        return jobs
+        ))
+        if not used:
+            return list(fresh)
+        return list(heapq.merge(fresh, used, key=lambda j: j.seq))
 
     @staticmethod
     def _new_job(r: Sequence[Any]) -> Job:
