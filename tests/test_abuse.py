@@ -902,15 +902,20 @@ async def test_a_full_disk_stops_acknowledgements_and_nothing_is_lost(
         reopened.close_sync()
 
 
+async def start_hand_broker(nursery: trio.Nursery, certs: CertPaths, tmp_path: Path) -> tuple[Broker, Any]:
+    """A SQLite broker that accepts the task ``hand``, which only a test's raw worker runs."""
+    broker = Broker(
+        BrokerConfig(port=0, http=False, db=str(tmp_path / "hand.db"), tasks=("hand",)),
+        ssl_context=server_context(certs),
+    )
+    return broker, await nursery.start(broker.serve)
+
+
 async def test_forged_stale_and_repeated_results(
     nursery: trio.Nursery, certs: CertPaths, tmp_path: Path
 ) -> None:
     # No real worker here: two hand-driven ones decide every frame.
-    broker = Broker(
-        BrokerConfig(port=0, http=False, db=str(tmp_path / "r.db"), tasks=("hand",)),
-        ssl_context=server_context(certs),
-    )
-    h = await nursery.start(broker.serve)
+    broker, h = await start_hand_broker(nursery, certs, tmp_path)
     a = await open_raw(nursery, h.port, certs.ca_cert)
     assert isinstance(await say_hello(a, "worker", tasks=["hand"], queues=["default"]), Welcome)
 
@@ -964,11 +969,7 @@ async def test_a_result_nested_too_deeply_fails_its_job_not_the_writer(
     nursery: trio.Nursery, certs: CertPaths, tmp_path: Path
 ) -> None:
     """A worker's RESULT nested 300 deep once killed the SQLite writer (orjson writes 253)."""
-    broker = Broker(
-        BrokerConfig(port=0, http=False, db=str(tmp_path / "deep.db"), tasks=("hand",)),
-        ssl_context=server_context(certs),
-    )
-    h = await nursery.start(broker.serve)
+    broker, h = await start_hand_broker(nursery, certs, tmp_path)
     w = await open_raw(nursery, h.port, certs.ca_cert, writer=False)
     await w.stream.send_all(frame(Hello(PROTOCOL_VERSION, "worker", "deep", concurrency=1, tasks=["hand"])))
     assert isinstance(await w.receive(), Welcome)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -423,33 +424,19 @@ async def test_a_real_broker_process_with_tokens_and_limits_from_flags(
         assert token not in logged
 
 
-async def test_local_workers_cannot_be_combined_with_client_certificates(tmp_path: Path) -> None:
+async def run_broker_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``trioq broker ARGS`` as a real process that is expected to refuse to start, bounded."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOQ_")}
+    cmd = [sys.executable, "-m", "trioq", "broker", "--port", "0", "--no-http",
+           "--certs-dir", str(tmp_path / "certs"), "--db", ":memory:", *args]
     with trio.fail_after(60):
-        proc = await trio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "trioq",
-                "broker",
-                "--workers",
-                "1",
-                "--require-client-cert",
-                "--port",
-                "0",
-                "--no-http",
-                "--certs-dir",
-                str(tmp_path / "certs"),
-                "--db",
-                ":memory:",
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdin=b"",
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
+        return await trio.run_process(
+            cmd, cwd=tmp_path, env=env, stdin=b"", capture_stdout=True, capture_stderr=True, check=False
         )
+
+
+async def test_local_workers_cannot_be_combined_with_client_certificates(tmp_path: Path) -> None:
+    proc = await run_broker_cli(tmp_path, "--workers", "1", "--require-client-cert")
     assert proc.returncode == 1 and "--workers cannot be combined" in proc.stderr.decode()
 
 
@@ -491,31 +478,7 @@ async def test_without_tokens_the_broker_is_loopback_only_and_says_so(
         Broker(BrokerConfig(http=False, db=":memory:", require_client_cert=True), ssl_context=ctx)
 
     # The real command refuses before it binds anything, with the reason on stderr.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIOQ_")}
-    with trio.fail_after(60):
-        proc = await trio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "trioq",
-                "broker",
-                "--host",
-                "0.0.0.0",
-                "--port",
-                "0",
-                "--no-http",
-                "--certs-dir",
-                str(tmp_path / "certs"),
-                "--db",
-                ":memory:",
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdin=b"",
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
+    proc = await run_broker_cli(tmp_path, "--host", "0.0.0.0")
     assert proc.returncode == 1, proc.stderr.decode()
     assert "refusing to listen on 0.0.0.0 without authentication" in proc.stderr.decode()
 
