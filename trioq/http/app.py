@@ -282,7 +282,11 @@ class HttpApi:
             client_auth = "open (loopback only)"
         return JSONResponse({
             "tls": tls,
-            "tls_version": f"TLSv1.3 (minimum TLSv{cfg.tls_min_version})" if tls else None,
+            # what a client gets: 1.3 only, or 1.3 unless it can speak no more than 1.2
+            "tls_version": (
+                ("TLSv1.3 (minimum TLSv1.3)" if cfg.tls_min_version == "1.3" else "TLSv1.3 or TLSv1.2 (minimum TLSv1.2)")
+                if tls else None
+            ),
             "protocol_version": PROTOCOL_VERSION,
             "certificate": certificate,
             "port": broker.port,
