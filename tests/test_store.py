@@ -507,3 +507,19 @@ def test_recovery_reads_untouched_and_used_jobs_alike(tmp_path):
     assert [j.seq for j in rec.jobs] == [1, 2, 3, 4, 6]
     assert [as_dict(j) for j in rec.jobs] == [as_dict(j) for j in jobs if not j.state.terminal]
     again.close_sync()
+
+
+def test_a_new_journal_and_its_wal_are_readable_by_the_broker_only(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)  # a usual umask would leave the file world-readable
+    try:
+        store = SQLiteStore(tmp_path / "private.db")
+        store.open_sync()
+        store.write_sync([store.row(make_job(1, store))])
+        for name in ("private.db", "private.db-wal", "private.db-shm"):
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        store.close_sync()
+    finally:
+        os.umask(old)

@@ -8,6 +8,7 @@ write. ``synchronous=FULL`` by default: a commit is on disk when it returns.
 from __future__ import annotations
 
 import heapq
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -156,7 +157,12 @@ class SQLiteStore(Store):
 
     def open_sync(self) -> Recovered:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(self.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Payloads and results are plain JSON in here: readable by the broker's user only.
+                # SQLite gives the -wal and -shm files the same mode as the database.
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         w = self._w = self._connect()
         w.execute("PRAGMA wal_autocheckpoint=4000")
         self._migrate(w)
