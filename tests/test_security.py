@@ -362,6 +362,33 @@ async def test_roles_are_enforced_and_good_clients_are_served_throughout(
     )
 
 
+async def test_producers_read_only_their_own_jobs_and_admins_read_all(
+    nursery: trio.Nursery, certs: CertPaths, tokens: Tokens, tmp_path: Path
+) -> None:
+    h = await start_broker(nursery, certs, auth_file=str(tokens.path), db=str(tmp_path / "own.db"))
+    port, ca = h.port, certs.ca_cert
+    worker = trioq.Worker("127.0.0.1", port, ssl_context=client_context(ca), token=tokens.worker, concurrency=2)
+    await nursery.start(worker.run)
+    async with (
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.alice) as alice,
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.bob) as bob,
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.admin, role="admin") as admin,
+    ):
+        mine = await alice.submit("reverse_string", {"data": "alice's secret"})
+        theirs = await bob.submit("reverse_string", {"data": "bob"})
+        assert (await alice.result(mine, timeout=10)).result == "terces s'ecila"
+        # to bob, alice's job does not exist: not its payload, not its result, not its listing
+        for read in (bob.get_job, lambda i: bob.result(i, timeout=5)):
+            with pytest.raises(JobNotFound):
+                await read(mine)
+        assert [j.id for j in (await bob.list_jobs())[0]] == [theirs]
+        assert [j.id for j in (await alice.list_jobs())[0]] == [mine]
+        # the admin sees both, and bob still reads his own
+        assert {j.id for j in (await admin.list_jobs())[0]} == {mine, theirs}
+        assert (await admin.get_job(mine)).payload == {"data": "alice's secret"}
+        assert (await bob.result(theirs, timeout=10)).result == "bob"
+
+
 async def test_a_real_broker_process_with_tokens_and_limits_from_flags(
     nursery: trio.Nursery, tmp_path: Path, tokens: Tokens
 ) -> None:

@@ -543,15 +543,15 @@ class Broker:
         # The job may have ended while the store was read: the newer state wins.
         return self.dispatcher.live.get(job_id) or self._recent.get(job_id) or job
 
-    async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None) -> JobPage:
+    async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None, owner=None) -> JobPage:
         if cursor is not None and not 0 <= cursor < 2**63:
             raise RequestError(ErrorCode.INVALID_FIELD, "cursor must be a next_cursor of an earlier page")
         store = self.store
-        if store.inline:
-            return store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor)
-        return await trio.to_thread.run_sync(
-            lambda: store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor)
-        )
+
+        def page() -> JobPage:
+            return store.list_sync(state=state, queue=queue, task=task, limit=limit, before_seq=cursor, owner=owner)
+
+        return page() if store.inline else await trio.to_thread.run_sync(page)
 
     async def wait_job(self, job_id: str) -> Job | None:
         """The job once it is final (committed); None if there is no such job."""

@@ -194,9 +194,19 @@ class ProducerSession(Session):
         ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
         self.conn.send_nowait(Ack(msg.req, ids, existing))
 
+    @property
+    def reads_only_own(self) -> str | None:
+        """The owner whose jobs alone this session may read: producers with a credential see
+        their own jobs (and admins everything; without credentials everyone is admin)."""
+        return None if self.role == "admin" else self.owner
+
+    def _visible(self, job: Job | None) -> Job | None:
+        own = self.reads_only_own
+        return job if job is None or own is None or job.owner == own else None
+
     async def _get(self, msg: GetJob, _size: int = 0) -> None:
-        job = await self.broker.get_job(msg.id)
-        if job is None:
+        job = self._visible(await self.broker.get_job(msg.id))
+        if job is None:  # someone else's job is as unknown as one that does not exist
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))
 
@@ -208,12 +218,16 @@ class ProducerSession(Session):
             except ValueError:
                 raise RequestError(ErrorCode.INVALID_FIELD, f"unknown state {msg.state!r}") from None
         limit = max(1, min(msg.limit, 1000))
-        page = await self.broker.list_jobs(state=state, queue=msg.queue, task=msg.task, limit=limit, cursor=msg.cursor)
+        page = await self.broker.list_jobs(
+            state=state, queue=msg.queue, task=msg.task, limit=limit, cursor=msg.cursor, owner=self.reads_only_own
+        )
         self.conn.send_nowait(JobsReply(msg.req, page.jobs, page.next_cursor))
 
     async def _wait(self, msg: WaitJob, _size: int = 0) -> None:
         if self.waits >= self.broker.config.max_waits:
             raise RequestError(ErrorCode.BUSY, "too many outstanding waits on this connection")
+        if self.reads_only_own is not None and self._visible(await self.broker.get_job(msg.id)) is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.waits += 1
         try:
             job = await self.broker.wait_job(msg.id)

@@ -82,8 +82,10 @@ class Store(abc.ABC):
         task: str | None = None,
         limit: int = 50,
         before_seq: int | None = None,
+        owner: str | None = None,
     ) -> JobPage:
-        """Newest first (highest seq first), from ``before_seq`` exclusive."""
+        """Newest first (highest seq first), from ``before_seq`` exclusive; ``owner`` keeps only
+        the jobs that credential submitted."""
 
     @abc.abstractmethod
     def counts_sync(self) -> dict[str, dict[str, int]]:

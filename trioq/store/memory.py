@@ -50,7 +50,7 @@ class MemoryStore(Store):
     def get_sync(self, job_id: str) -> Job | None:
         return self._by_id.get(job_id)
 
-    def list_sync(self, *, state=None, queue=None, task=None, limit=50, before_seq=None) -> JobPage:
+    def list_sync(self, *, state=None, queue=None, task=None, limit=50, before_seq=None, owner=None) -> JobPage:
         hi = len(self._seqs) if before_seq is None else bisect.bisect_left(self._seqs, before_seq)
         out: list[Job] = []
         i = hi - 1
@@ -60,6 +60,7 @@ class MemoryStore(Store):
                 (state is None or job.state == state)
                 and (queue is None or job.queue == queue)
                 and (task is None or job.task == task)
+                and (owner is None or job.owner == owner)
             ):
                 out.append(job)
             i -= 1

@@ -413,8 +413,11 @@ class SQLiteStore(Store):
                 return self._job(rows[0])
         return None
 
-    def list_sync(self, *, state=None, queue=None, task=None, limit=50, before_seq=None) -> JobPage:
+    def list_sync(self, *, state=None, queue=None, task=None, limit=50, before_seq=None, owner=None) -> JobPage:
         where, params = [], []
+        if owner is not None:
+            where.append("owner=?")
+            params.append(owner)
         if state is not None:
             where.append("state=?")
             params.append(JobState(state).value)
