@@ -245,7 +245,7 @@ async def test_tcp_clients_that_never_finish_tls_are_dropped(
     assert (
         trio.current_time() - t0 >= env.config().handshake_timeout * 0.9
     )  # the timer, not a refusal
-    dropped = messages_of(caplog, "refused: no TLS handshake within 0.5s")
+    dropped = messages_of(caplog, "refused: timeout: no TLS handshake within 0.5s")
     assert len(dropped) == 4 and all(m.startswith("connection from 127.0.0.1:") for m in dropped)
     await env.ledger.check()
 
@@ -293,7 +293,7 @@ async def test_a_thousand_connections_at_once(
     env = await start_env(nursery, certs, tmp_path, max_connections=limit, handshake_timeout=10.0)
     assert env.broker.connections == 2  # the worker and the ledger
 
-    with LogCounter("trioq.broker", "refused: TLS handshake failed") as ended:
+    with LogCounter("trioq.broker", "refused: tls_handshake: TLS handshake failed") as ended:
         streams: list[trio.SocketStream] = []
         with trio.fail_after(30):
             async with trio.open_nursery() as n:

@@ -577,7 +577,7 @@ async def test_mutual_tls_takes_the_role_from_the_certificate(
             pass
     assert info.value.code == "unauthenticated"
     refusals = [
-        r.getMessage() for r in caplog.records if "refused: TLS handshake failed" in r.getMessage()
+        r.getMessage() for r in caplog.records if "refused: tls_handshake: TLS handshake failed" in r.getMessage()
     ]
     assert len(refusals) == 3 and all("127.0.0.1:" in m for m in refusals)
 
@@ -677,7 +677,7 @@ async def test_openssl_s_client_sees_tls_1_3_and_old_versions_are_refused(
     rc, out = await s_client(h12.port, certs.ca_cert, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0")
     assert rc != 0 and "Cipher is (NONE)" in out, out
     refused = [
-        r.getMessage() for r in caplog.records if "refused: TLS handshake failed" in r.getMessage()
+        r.getMessage() for r in caplog.records if "refused: tls_handshake: TLS handshake failed" in r.getMessage()
     ]
     assert len(refused) == 2 and all("unsupported protocol" in m.lower() for m in refused), refused
     # and the broker serves on after every refusal

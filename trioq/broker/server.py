@@ -298,7 +298,7 @@ class Broker:
         except OSError:
             peer = "?"
         if self.connections >= self.config.max_connections:
-            log.warning("connection from %s refused: busy (%d connections open)", peer, self.connections)
+            log.warning("connection from %s refused: busy: %d connections open", peer, self.connections)
             await stream.aclose()
             return
         self.connections += 1
@@ -321,11 +321,11 @@ class Broker:
                 await tls.do_handshake()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 cause = exc.__cause__ or exc
-                log.warning("connection from %s refused: TLS handshake failed: %s", peer, _short(cause))
+                log.warning("connection from %s refused: tls_handshake: TLS handshake failed: %s", peer, _short(cause))
                 await _close_quietly(stream)
                 return
         if cs.cancelled_caught:
-            log.warning("connection from %s refused: no TLS handshake within %gs", peer, self.config.handshake_timeout)
+            log.warning("connection from %s refused: timeout: no TLS handshake within %gs", peer, self.config.handshake_timeout)
             await _close_quietly(stream)
             return
         cert_name = cert_role = None
