@@ -26,6 +26,7 @@ def registry() -> Registry:
     reg.register_task("big_int", lambda: 2**200)
     reg.register_task("nested", lambda: {"n": -(2**70), "items": {1, 2}, 3: (4, 2**64)})
     reg.register_task("huge", lambda: "x" * (MAX_RESULT_BYTES + 1))
+    reg.register_task("wide", lambda: "€" * (MAX_RESULT_BYTES // 2))  # half the characters, 1.5x the bytes
     reg.register_task("medium", medium)
     reg.register_task("object", lambda: object())
     return reg
@@ -56,9 +57,10 @@ async def test_unencodable_values_are_coerced_and_the_worker_lives(nursery):
 
 
 async def test_a_result_over_the_limit_fails_its_job_not_the_worker(nursery):
-    broker, worker, jobs = await run(nursery, [trioq.JobSpec("huge"), trioq.JobSpec("big_int")])
-    huge, ok = jobs
+    broker, worker, jobs = await run(nursery, [trioq.JobSpec("huge"), trioq.JobSpec("big_int"), trioq.JobSpec("wide")])
+    huge, ok, wide = jobs
     assert huge.state is JobState.DEAD and huge.error.type == "ResultTooLarge"
+    assert wide.state is JobState.DEAD and wide.error.type == "ResultTooLarge"  # bytes count, not characters
     assert str(MAX_RESULT_BYTES) in huge.error.message and huge.attempts == 1  # not retried
     assert ok.state is JobState.COMPLETED and ok.worker_losses == 0
 

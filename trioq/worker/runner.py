@@ -122,7 +122,7 @@ class Worker:
         self._stop_requested = False
         self._running: dict[str, tuple[int, trio.CancelScope]] = {}
         self._outbox: list[Outcome] = []
-        self._outbox_bytes = 0  # an upper bound of the outbox's encoded size
+        self._outbox_sizes: list[int] = []  # an upper bound of each outcome's encoded size
         self._flush = trio.Event()
         self._limiter = trio.CapacityLimiter(concurrency)
         self._conn: FramedConnection | None = None
@@ -210,7 +210,7 @@ class Worker:
     async def _session(self, conn: FramedConnection, welcome: Welcome) -> None:
         self._conn = conn
         self._outbox = []
-        self._outbox_bytes = 0
+        self._outbox_sizes = []
         lost: BaseException | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write, conn, nursery.cancel_scope)
@@ -262,14 +262,13 @@ class Worker:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
-        total, self._outbox_bytes = self._outbox_bytes, 0
-        if total <= FRAME_BUDGET:
+        sizes, self._outbox_sizes = self._outbox_sizes, []
+        if sum(sizes) <= FRAME_BUDGET:
             conn.send_nowait(Result(batch))
             return
         chunk: list[Outcome] = []
         used = 0
-        for outcome in batch:
-            size = _outcome_size(outcome)
+        for outcome, size in zip(batch, sizes, strict=True):
             if chunk and used + size > FRAME_BUDGET:
                 conn.send_nowait(Result(chunk))
                 chunk, used = [], 0
@@ -392,7 +391,10 @@ class Worker:
         else:
             self.failed += 1
         self._outbox.append(outcome)
-        self._outbox_bytes += OUTCOME_OVERHEAD + size if outcome.ok else _outcome_size(outcome)
+        err = outcome.error
+        self._outbox_sizes.append(
+            OUTCOME_OVERHEAD + size + (2 * (len(err.type) + len(err.message) + len(err.traceback)) if err else 0)
+        )
         self._flush.set()
 
     def _report_progress(self, conn: FramedConnection, d: Delivery, p: Progress) -> None:
@@ -458,12 +460,8 @@ MAX_RESULT_BYTES = 1024 * 1024
 FRAME_BUDGET = 900 * 1024
 OUTCOME_OVERHEAD = 200
 
-
-def _outcome_size(outcome: Outcome) -> int:
-    err = outcome.error
-    size = OUTCOME_OVERHEAD + (len(err.message) + len(err.traceback) + len(err.type) if err else 0) * 2
-    return size + (_jsonable(outcome.result)[1] if outcome.result is not None else 0)
 _I64_MIN, _U64_MAX = -(1 << 63), (1 << 64) - 1
+_EXACT_FROM = 16 * 1024  # strings this long are measured by encoding them
 
 
 def _jsonable(value: Any) -> tuple[Any, int]:
@@ -472,7 +470,8 @@ def _jsonable(value: Any) -> tuple[Any, int]:
     if value is None or t is bool or t is float:
         return value, 8
     if t is str:
-        return value, len(value) * 4 // 3 + 2  # an upper bound that needs no encoding
+        # at most 6 bytes a character (an escape like \u0001): exact only where it can matter
+        return value, len(value) * 6 + 2 if len(value) < _EXACT_FROM else len(orjson.dumps(value))
     if t is int:
         return (value, 20) if _I64_MIN <= value <= _U64_MAX else (str(value), len(str(value)) + 2)
     try:
