@@ -11,7 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
+
+from trioq.store.sqlite import SYNC_MODES
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+#: The options every benchmark command shares.
+sync_option = click.option(
+    "--sync", type=click.Choice(SYNC_MODES), default="full", show_default=True,
+    help="The store's synchronous mode (full: fsync before every ACK).",
+)
+json_option = click.option(
+    "--json", "json_path", default=None, help="Where to write results [default: benchmarks/results/NAME.json].",
+)
 
 
 def machine() -> dict[str, Any]:

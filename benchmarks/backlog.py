@@ -13,8 +13,8 @@ from .trioq_bench import backlog
 
 @click.command()
 @click.option("--jobs", default=1_000_000, show_default=True, type=click.IntRange(1))
-@click.option("--sync", type=click.Choice(["full", "normal", "off"]), default="full", show_default=True)
-@click.option("--json", "json_path", default=None)
+@_report.sync_option
+@_report.json_option
 def main(jobs: int, sync: str, json_path: str | None) -> None:
     r = backlog(jobs, sync=sync)
     for key in ("jobs", "enqueue_rate", "queued", "broker_rss_mib", "restart_to_serving_s", "rss_after_restart_mib",

@@ -36,8 +36,16 @@ def main(json_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(json_path.read_text())
-    rows = _rows(data)
+    try:
+        data = json.loads(json_path.read_text())
+        rows = _rows(data)
+        settings = data["settings"]
+        title = f"Drain of {settings['jobs']:,} queued no-op jobs, {settings['workers']} worker processes"
+        lat_title = f"Submit-to-result latency p50, {settings['latency_jobs']:,} jobs one at a time"
+    except (ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(
+            f"{json_path} is not a result of python -m benchmarks.peers ({type(exc).__name__}: {exc})"
+        ) from None
     if not rows:
         raise click.ClickException(f"{json_path} has no successful results to draw")
     names = [r[0] for r in rows]
@@ -46,14 +54,14 @@ def main(json_path: Path, out: Path) -> None:
     bars = ax1.barh(names, [r[1] for r in rows], color=colors)
     ax1.invert_yaxis()
     ax1.set_xlabel("jobs/s (higher is better)")
-    ax1.set_title(f"Drain of {data['settings']['jobs']:,} queued no-op jobs, {data['settings']['workers']} worker processes")
+    ax1.set_title(title)
     ax1.bar_label(bars, labels=[f"{r[1]:,.0f}" for r in rows], padding=3, fontsize=9)
     ax1.set_xlim(0, max(r[1] for r in rows) * 1.2)
     lat = [(n, p) for n, _, p in rows if p is not None]
     bars = ax2.barh([n for n, _ in lat], [p for _, p in lat], color=["#2b6cb0" if n == "trioq" else "#a0aec0" for n, _ in lat])
     ax2.invert_yaxis()
     ax2.set_xlabel("ms (lower is better)")
-    ax2.set_title(f"Submit-to-result latency p50, {data['settings']['latency_jobs']:,} jobs one at a time")
+    ax2.set_title(lat_title)
     ax2.bar_label(bars, labels=[f"{p:.2f}" for _, p in lat], padding=3, fontsize=9)
     ax2.set_xlim(0, max(p for _, p in lat) * 1.25)
     host = data.get("host", {})

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+from trioq.store.sqlite import SYNC_MODES
+
 from . import _report
 from .trioq_bench import latency
 
@@ -21,8 +23,8 @@ COLUMNS = [
 
 @click.command()
 @click.option("--jobs", default=1_000, show_default=True, type=click.IntRange(1))
-@click.option("--sync", "syncs", multiple=True, type=click.Choice(["full", "normal", "off"]), help="Repeatable [default: full and normal].")
-@click.option("--json", "json_path", default=None)
+@click.option("--sync", "syncs", multiple=True, type=click.Choice(SYNC_MODES), help="Repeatable [default: full and normal].")
+@_report.json_option
 def main(jobs: int, syncs: tuple[str, ...], json_path: str | None) -> None:
     rows = []
     for sync in syncs or ("full", "normal"):

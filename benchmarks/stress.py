@@ -24,8 +24,8 @@ COLUMNS = [
 @click.command()
 @click.option("--producers", default=100, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--jobs-each", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--sync", type=click.Choice(["full", "normal", "off"]), default="full", show_default=True)
-@click.option("--json", "json_path", default=None)
+@_report.sync_option
+@_report.json_option
 def main(producers: int, jobs_each: int, sync: str, json_path: str | None) -> None:
     r = stress(producers, jobs_each, sync=sync)
     print(_report.table([r], COLUMNS))

@@ -32,10 +32,10 @@ COLUMNS = [
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--concurrency", default=256, show_default=True, type=click.IntRange(1))
 @click.option("--batch", default=5_000, show_default=True, type=click.IntRange(1))
-@click.option("--sync", type=click.Choice(["full", "normal", "off"]), default="full", show_default=True)
+@_report.sync_option
 @click.option("--runs", default=1, show_default=True, type=click.IntRange(1, 20))
 @click.option("--live", is_flag=True, help="Start the workers before submitting (drain while enqueueing).")
-@click.option("--json", "json_path", default=None, help="Where to write results [default: benchmarks/results/throughput.json].")
+@_report.json_option
 def main(jobs: int, workers: int, concurrency: int, batch: int, sync: str, runs: int, live: bool,
          json_path: str | None) -> None:
     rows = []

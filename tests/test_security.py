@@ -656,7 +656,6 @@ async def s_client(port: int, ca: Path, *flags: str) -> tuple[int, str]:
     )
 
 
-@pytest.mark.skipif(not Path(OPENSSL).exists(), reason="needs the openssl command")
 async def test_openssl_s_client_sees_tls_1_3_and_old_versions_are_refused(
     nursery: trio.Nursery, certs: CertPaths, caplog: pytest.LogCaptureFixture
 ) -> None:
