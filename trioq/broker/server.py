@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
-import orjson
 import trio
 
 from ..errors import ConnectionLost, ErrorCode, ProtocolError, StoreError
@@ -32,7 +31,15 @@ from ..job import (
     JobState,
 )
 from ..protocol.framing import FramedConnection
-from ..protocol.messages import PROTOCOL_VERSION, ROLES, Error, Hello, Welcome
+from ..protocol.messages import (
+    MAX_PAYLOAD_DEPTH,
+    PROTOCOL_VERSION,
+    ROLES,
+    Error,
+    Hello,
+    Welcome,
+    fits_in_frames,
+)
 from ..store.base import JobPage, Store
 from ..store.memory import MemoryStore
 from ..store.sqlite import SQLiteStore
@@ -54,9 +61,6 @@ log = logging.getLogger("trioq.broker")
 
 BACKPRESSURE_WAIT = 30.0
 RECENT_JOBS = 50_000
-#: orjson reads 1024 levels of nesting but writes only 253, and frames wrap a payload in 3 more:
-#: a payload must fit in every frame that will carry it (dispatch, job replies, the store).
-MAX_PAYLOAD_DEPTH = 249
 MAX_NAME = 200  # characters in a HELLO name
 
 
@@ -532,16 +536,17 @@ class Broker:
                     obs("submitted", jobs)
         return ids, existing  # type: ignore[return-value]
 
-    async def get_job(self, job_id: str) -> Job | None:
+    async def get_job(self, job_id: str, *, owner: str | None = None) -> Job | None:
+        """The job, or None; with ``owner``, only a job that credential submitted."""
         job = self.dispatcher.live.get(job_id) or self._recent.get(job_id)
-        if job is not None:
-            return job
-        if not isinstance(job_id, str) or len(job_id) > 64:
-            return None
-        store = self.store
-        job = store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
-        # The job may have ended while the store was read: the newer state wins.
-        return self.dispatcher.live.get(job_id) or self._recent.get(job_id) or job
+        if job is None:
+            if not isinstance(job_id, str) or len(job_id) > 64:
+                return None
+            store = self.store
+            job = store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
+            # The job may have ended while the store was read: the newer state wins.
+            job = self.dispatcher.live.get(job_id) or self._recent.get(job_id) or job
+        return job if job is None or owner is None or job.owner == owner else None
 
     async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None, owner=None) -> JobPage:
         if cursor is not None and not 0 <= cursor < 2**63:
@@ -553,14 +558,17 @@ class Broker:
 
         return page() if store.inline else await trio.to_thread.run_sync(page)
 
-    async def wait_job(self, job_id: str) -> Job | None:
-        """The job once it is final (committed); None if there is no such job."""
-        if job_id not in self.dispatcher.live:
-            job = await self.get_job(job_id)
+    async def wait_job(self, job_id: str, *, owner: str | None = None) -> Job | None:
+        """The job once it is final (committed); None if there is no such job (for ``owner``)."""
+        live = self.dispatcher.live.get(job_id)
+        if live is None:
+            job = await self.get_job(job_id, owner=owner)
             if job is None:
                 return None
             if job.state in TERMINAL_STATES:
                 return job
+        elif owner is not None and live.owner != owner:
+            return None
         # From here to the registration below nothing awaits: no commit can slip in between.
         done = trio.Event()
         box: list[Job] = []
@@ -716,14 +724,8 @@ def check_hello(hello: Hello) -> None:
 def check_payload_depth(specs: list[JobSpec]) -> None:
     """Refuse payloads nested too deeply to be written back out (stored, dispatched, answered)."""
     for i, spec in enumerate(specs):
-        payload = spec.payload
-        if type(payload) is dict or type(payload) is list:
-            try:
-                orjson.dumps([[[[payload]]]])  # 4 levels of margin for the frames around it
-            except TypeError:
-                raise RequestError(
-                    ErrorCode.INVALID_FIELD, f"job {i}: payload nests deeper than {MAX_PAYLOAD_DEPTH} levels"
-                ) from None
+        if not fits_in_frames(spec.payload):
+            raise RequestError(ErrorCode.INVALID_FIELD, f"job {i}: payload nests deeper than {MAX_PAYLOAD_DEPTH} levels")
 
 
 def worker_view(slot: WorkerSlot) -> dict[str, Any]:

@@ -56,6 +56,7 @@ from ..protocol.messages import (
     Submit,
     WaitJob,
     Welcome,
+    fits_in_frames,
 )
 from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, WorkerSlot
 
@@ -119,16 +120,6 @@ class Session:
                     ErrorCode.TOO_MANY_ERRORS, f"more than {self.broker.config.max_errors} rejected messages on this connection"
                 )
         self.conn.send_nowait(Error(code.value, message, req=req))
-
-
-def _storable(oc: Outcome) -> Outcome:
-    """A result nested too deeply to be written back out fails its attempt, not the broker."""
-    try:
-        orjson.dumps([[[[oc.result]]]])  # the margin of the frames and rows around it
-    except TypeError:
-        return Outcome(oc.id, oc.attempt, False, None, ErrorInfo(
-            "InvalidResult", "the worker reported a result nested too deeply to store", "", False))
-    return oc
 
 
 # --- producers -------------------------------------------------------------------------------
@@ -200,12 +191,8 @@ class ProducerSession(Session):
         their own jobs (and admins everything; without credentials everyone is admin)."""
         return None if self.role == "admin" else self.owner
 
-    def _visible(self, job: Job | None) -> Job | None:
-        own = self.reads_only_own
-        return job if job is None or own is None or job.owner == own else None
-
     async def _get(self, msg: GetJob, _size: int = 0) -> None:
-        job = self._visible(await self.broker.get_job(msg.id))
+        job = await self.broker.get_job(msg.id, owner=self.reads_only_own)
         if job is None:  # someone else's job is as unknown as one that does not exist
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))
@@ -226,11 +213,9 @@ class ProducerSession(Session):
     async def _wait(self, msg: WaitJob, _size: int = 0) -> None:
         if self.waits >= self.broker.config.max_waits:
             raise RequestError(ErrorCode.BUSY, "too many outstanding waits on this connection")
-        if self.reads_only_own is not None and self._visible(await self.broker.get_job(msg.id)) is None:
-            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.waits += 1
         try:
-            job = await self.broker.wait_job(msg.id)
+            job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
         finally:
             self.waits -= 1
         if job is None:
@@ -434,8 +419,9 @@ class WorkerSession(Session):
         for oc in msg.outcomes:
             key = (oc.id, oc.attempt)
             if dispatcher.is_current(slot, oc.id, oc.attempt) and key not in recent:
-                if type(oc.result) is dict or type(oc.result) is list:
-                    oc = _storable(oc)
+                if not fits_in_frames(oc.result):  # it fails its attempt, not the broker
+                    oc = Outcome(oc.id, oc.attempt, False, None, ErrorInfo(
+                        "InvalidResult", "the worker reported a result nested too deeply to store", "", False))
                 good.append(oc)
                 self._end_lease(oc.id)
                 recent[key] = None

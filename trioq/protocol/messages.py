@@ -448,6 +448,22 @@ _structure_by_tag = {
 }
 
 
+#: orjson reads 1024 levels of nesting but writes only 253, and frames wrap a value in 3 more:
+#: a payload or result must fit in every frame that will carry it (dispatch, replies, the store).
+MAX_PAYLOAD_DEPTH = 249
+
+
+def fits_in_frames(value: Any) -> bool:
+    """Whether a decoded payload or result can be written back out in any frame or row."""
+    if type(value) is not dict and type(value) is not list:
+        return True
+    try:
+        orjson.dumps([[[[value]]]])  # 4 levels of margin for the frames around it
+    except TypeError:
+        return False
+    return True
+
+
 def encode(msg: Message) -> bytes:
     d = _unstructure_by_type[type(msg)](msg)
     d["t"] = msg.TYPE
