@@ -52,16 +52,6 @@ def shared_name(name: str) -> str:
     return got
 
 
-def new_job_id() -> str:
-    return secrets.token_hex(8)
-
-
-def new_job_ids(n: int) -> list[str]:
-    """n random 64-bit ids from one read of the OS's random source."""
-    raw = secrets.token_hex(8 * n)
-    return [raw[i : i + 16] for i in range(0, 16 * n, 16)]
-
-
 _M64 = (1 << 64) - 1
 
 

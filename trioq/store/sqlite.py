@@ -52,6 +52,19 @@ _MUTABLE = (
     "started_at", "finished_at", "worker", "result", "error", "progress", "dead_reason",
 )
 
+def _drop_id_index(conn: sqlite3.Connection) -> None:
+    (create,) = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
+    conn.execute(create.replace("CREATE TABLE jobs", "CREATE TABLE jobs_v2", 1).replace(
+        "id TEXT NOT NULL UNIQUE", "id TEXT NOT NULL", 1))
+    conn.execute("INSERT INTO jobs_v2 SELECT * FROM jobs")
+    conn.execute("DROP TABLE jobs")
+    conn.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
+    (legacy,) = conn.execute("SELECT max(seq) FROM jobs").fetchone()
+    if legacy:
+        conn.execute(f"CREATE INDEX jobs_legacy_id ON jobs(id) WHERE seq <= {int(legacy)}")
+        conn.execute("INSERT INTO meta(key, value) VALUES('legacy_id_max_seq', ?)", (str(int(legacy)),))
+
+
 #: version -> statements that bring a database from version-1 to version.
 MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     1: [
@@ -86,21 +99,9 @@ MIGRATIONS: dict[int, list[str | Callable[[sqlite3.Connection], None]]] = {
     # Ids became a keyed permutation of seq (JobIds): the UNIQUE index on id goes, which
     # makes every insert cheaper. Rows from version 1 keep random ids, found through a
     # partial index that covers only them.
-    2: [lambda conn: _drop_id_index(conn)],
+    2: [_drop_id_index],
 }
 
-
-def _drop_id_index(conn: sqlite3.Connection) -> None:
-    (create,) = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='jobs'").fetchone()
-    conn.execute(create.replace("CREATE TABLE jobs", "CREATE TABLE jobs_v2", 1).replace(
-        "id TEXT NOT NULL UNIQUE", "id TEXT NOT NULL", 1))
-    conn.execute("INSERT INTO jobs_v2 SELECT * FROM jobs")
-    conn.execute("DROP TABLE jobs")
-    conn.execute("ALTER TABLE jobs_v2 RENAME TO jobs")
-    (legacy,) = conn.execute("SELECT max(seq) FROM jobs").fetchone()
-    if legacy:
-        conn.execute(f"CREATE INDEX jobs_legacy_id ON jobs(id) WHERE seq <= {int(legacy)}")
-        conn.execute("INSERT INTO meta(key, value) VALUES('legacy_id_max_seq', ?)", (str(int(legacy)),))
 
 UNFINISHED = (JobState.QUEUED.value, JobState.SCHEDULED.value, JobState.RUNNING.value)
 TERMINAL = (JobState.COMPLETED.value, JobState.DEAD.value, JobState.CANCELLED.value)
