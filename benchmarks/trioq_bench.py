@@ -211,8 +211,12 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
                 t_enq = time.time()
                 acked.close()
                 if prefill:
+                    # held until both workers are in, so their CPU is counted from the first job
+                    await client.pause()
                     await wait_workers(client)
                 wcpu0 = sum(cpu_seconds(w.pid) for w in c.workers)
+                if prefill:
+                    await client.resume()
                 with bar(n_jobs, "completed", progress) as done_bar, trio.fail_after(600):
                     while True:
                         done = (await client.status())["jobs"]["completed"]

@@ -146,6 +146,24 @@ def test_cancel_a_delayed_job(broker):
     assert r.returncode == 2 and "invalid_state" in r.stderr and "already cancelled" in r.stderr
 
 
+def test_pause_and_resume_a_queue(broker):
+    r = trioq_cmd(broker, "pause", "bad name")
+    assert r.returncode == 1 and "invalid_field" in r.stderr and "queue name" in r.stderr
+    r = trioq_cmd(broker, "pause")
+    try:
+        assert (r.returncode, r.stdout) == (0, "queue default: paused\n"), r.stderr
+        r = trioq_cmd(broker, "submit", "to_uppercase", "--payload", '{"data": "later"}')
+        assert r.returncode == 0, r.stderr
+        job_id = r.stdout.strip()
+        job, _ = job_json(broker, job_id)
+        assert job["state"] == "queued" and job["attempts"] == 0
+    finally:
+        r = trioq_cmd(broker, "resume")
+    assert (r.returncode, r.stdout) == (0, "queue default: dispatching\n"), r.stderr
+    r = trioq_cmd(broker, "result", job_id, "--wait", "--timeout", "30")
+    assert r.returncode == 0 and "LATER" in r.stdout, (r.stdout, r.stderr)
+
+
 def test_unknown_id_is_a_clear_error_for_every_command(broker):
     commands = [("job",), ("cancel",), ("retry",), ("discard",), ("result", "--wait")]
     with ThreadPoolExecutor(2) as pool:  # two cores

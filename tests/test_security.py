@@ -389,6 +389,37 @@ async def test_producers_read_only_their_own_jobs_and_admins_read_all(
         assert (await bob.result(theirs, timeout=10)).result == "bob"
 
 
+async def test_only_an_admin_pauses_a_queue_and_its_jobs_wait_until_resumed(
+    nursery: trio.Nursery, certs: CertPaths, tokens: Tokens
+) -> None:
+    h = await start_broker(nursery, certs, auth_file=str(tokens.path))
+    port, ca = h.port, certs.ca_cert
+    worker = trioq.Worker(
+        "127.0.0.1", port, ssl_context=client_context(ca), token=tokens.worker, concurrency=1,
+        queues=("default", "other"),
+    )
+    await nursery.start(worker.run)
+    async with (
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.alice) as alice,
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.admin, role="admin") as admin,
+    ):
+        with pytest.raises(RemoteError) as info:
+            await alice.pause("default")
+        assert info.value.code == "forbidden"
+        with pytest.raises(RemoteError) as info:
+            await admin.pause("no spaces")
+        assert info.value.code == "invalid_field"
+        assert await admin.pause("default") is True
+        held = await alice.submit("reverse_string", {"data": "held"})
+        # the one worker slot is free: a job on another queue, submitted after, runs first
+        later = await alice.submit("reverse_string", {"data": "other"}, queue="other")
+        assert (await alice.result(later, timeout=10)).result == "rehto"
+        assert (await alice.get_job(held)).state is JobState.QUEUED
+        assert (await alice.status())["queue_size"] == 1
+        assert await admin.resume("default") is False
+        assert (await alice.result(held, timeout=10)).result == "dleh"
+
+
 async def test_a_real_broker_process_with_tokens_and_limits_from_flags(
     nursery: trio.Nursery, tmp_path: Path, tokens: Tokens
 ) -> None:

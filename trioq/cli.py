@@ -504,6 +504,24 @@ _job_op("retry", "Put a dead or cancelled job back in line (admin).", "admin")
 _job_op("discard", "Delete a finished job for good (admin).", "admin")
 
 
+def _queue_op(name: str, doc: str):
+    @main.command(name=name, help=doc)
+    @client_options
+    @click.argument("queue", default="default")
+    def cmd(**o: Any) -> None:
+        async def go(c):
+            paused = await c.pause(o["queue"], paused=name == "pause")
+            click.echo(f"queue {o['queue']}: {'paused' if paused else 'dispatching'}")
+
+        run_client(go, o, role="admin")
+
+    return cmd
+
+
+_queue_op("pause", "Stop dispatching a queue; its jobs stay queued (admin).")
+_queue_op("resume", "Dispatch a paused queue again (admin).")
+
+
 @main.command()
 @client_options
 @click.argument("job_id")

@@ -33,6 +33,8 @@ from .protocol.messages import (
     JobsReply,
     ListJobs,
     Message,
+    PauseQueue,
+    QueueReply,
     RetryJob,
     StatusReply,
     StatusRequest,
@@ -231,6 +233,15 @@ class Client:
         reply = await self._request(DiscardJob(next(self._ids), job_id))
         assert isinstance(reply, JobReply)
         return reply.job
+
+    async def pause(self, queue: str = DEFAULT_QUEUE, *, paused: bool = True) -> bool:
+        """Stop dispatching ``queue`` (admin); its jobs stay queued. Returns whether it is paused."""
+        reply = await self._request(PauseQueue(next(self._ids), queue, paused))
+        assert isinstance(reply, QueueReply)
+        return reply.paused
+
+    async def resume(self, queue: str = DEFAULT_QUEUE) -> bool:
+        return await self.pause(queue, paused=False)
 
     async def status(self) -> dict[str, Any]:
         reply = await self._request(StatusRequest(next(self._ids)))

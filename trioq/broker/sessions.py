@@ -47,7 +47,9 @@ from ..protocol.messages import (
     ListJobs,
     Message,
     Outcome,
+    PauseQueue,
     ProgressReport,
+    QueueReply,
     Release,
     Result,
     RetryJob,
@@ -157,7 +159,7 @@ class ProducerSession(Session):
         if handler is None:
             code = ErrorCode.UNEXPECTED if isinstance(msg, (Hello, Welcome)) else ErrorCode.FORBIDDEN
             raise ProtocolError(code, f"a {self.role} session cannot send {msg.TYPE!r}")
-        if type(msg) in (RetryJob, DiscardJob) and self.role != "admin" and not self.broker.auth.open:
+        if type(msg) in (RetryJob, DiscardJob, PauseQueue) and self.role != "admin" and not self.broker.auth.open:
             self.refuse(ErrorCode.FORBIDDEN, f"{msg.TYPE} needs the admin role", req)
             return
         borrower = object()
@@ -232,6 +234,12 @@ class ProducerSession(Session):
     async def _discard(self, msg: DiscardJob, _size: int = 0) -> None:
         self.conn.send_nowait(JobReply(msg.req, await self.broker.discard_job(msg.id)))
 
+    async def _pause(self, msg: PauseQueue, _size: int = 0) -> None:
+        if not NAME_RE.match(msg.queue):
+            raise RequestError(ErrorCode.INVALID_FIELD, "queue name must be 1-200 letters, digits or _.:-")
+        await self.broker.set_paused(msg.queue, msg.paused)
+        self.conn.send_nowait(QueueReply(msg.req, msg.queue, msg.queue in self.broker.dispatcher.paused))
+
     async def _status(self, msg: StatusRequest, _size: int = 0) -> None:
         self.conn.send_nowait(StatusReply(msg.req, self.broker.stats()))
 
@@ -243,6 +251,7 @@ class ProducerSession(Session):
         CancelJob: _cancel,
         RetryJob: _retry,
         DiscardJob: _discard,
+        PauseQueue: _pause,
         StatusRequest: _status,
     }
 

@@ -148,6 +148,22 @@ class DiscardJob(Message):
     id: str
 
 
+@message("pause")
+class PauseQueue(Message):
+    """Admin: stop (or, with ``paused`` false, restart) dispatching a queue; its jobs stay queued."""
+
+    req: int
+    queue: str
+    paused: bool = True
+
+
+@message("queue")
+class QueueReply(Message):
+    req: int
+    queue: str
+    paused: bool
+
+
 @message("status")
 class StatusRequest(Message):
     req: int
