@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from trioq.broker.dispatcher import Dispatcher, RetryPolicy, WorkerSlot
+from trioq.broker.dispatcher import Dispatcher, RetryPolicy, WorkerSlot, _Line
 from trioq.job import ErrorInfo, Job, JobState
 from trioq.protocol.messages import Outcome
 
@@ -416,7 +416,11 @@ def test_model_catches_a_wrong_order():
     machine.setup()
     for p in (5, 1, 3):
         machine.submit(p, "a", "default", 1, None, 1, False)
-    machine.d._buckets[("default", "a")].sort(key=lambda e: e[1])  # seq order only: wrong
+    line = machine.d._lines[("default", "a")]
+    in_seq_order = sorted(line, key=lambda j: j.seq)  # seq order only, priority ignored: wrong
+    for lane in line.lanes.values():
+        lane.fifo.clear()
+    line.lanes[line.active[0]].fifo.extend(in_seq_order)
     machine.join(1, {"a"}, {"default"}, False)
     with pytest.raises(AssertionError, match="expected"):
         machine.pump()
@@ -455,3 +459,36 @@ def test_job_ids_are_distinct_16_hex_names_that_map_back_to_their_seq(key, first
         assert codec.seq_of(bad) is None
     if ids[0] != ids[0].upper():
         assert codec.seq_of(ids[0].upper()) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push", "pop", "cancel"]), st.integers(1, 4), st.integers(0, 40)), max_size=80))
+def test_a_line_gives_jobs_by_priority_then_seq_whatever_order_they_arrive_in(ops):
+    """Out-of-order pushes (the late heap), cancelled entries and twins pushed again."""
+    line = _Line()
+    jobs: dict[int, Job] = {}
+    queued: set[int] = set()
+    for op, priority, seq in ops:
+        if op == "push":
+            job = jobs.setdefault(seq, Job(f"j{seq}", seq, "a", {}, priority=priority))
+            job.state = JobState.QUEUED  # a twin if it was pushed before
+            queued.add(seq)
+            line.push(job)
+        elif op == "cancel" and seq in queued:
+            jobs[seq].state = JobState.CANCELLED
+            queued.discard(seq)
+        elif op == "pop":
+            found = line.front()
+            expected = min(queued, key=lambda s: (jobs[s].priority, s)) if queued else None
+            assert (found[1].seq if found else None) == expected
+            if found:
+                found[0].pop_front()
+                found[1].state = JobState.RUNNING
+                queued.discard(found[1].seq)
+    drained = []
+    while (found := line.front()) is not None:
+        found[0].pop_front()
+        found[1].state = JobState.RUNNING
+        drained.append(found[1].seq)
+    assert drained == sorted(queued, key=lambda s: (jobs[s].priority, s))
+    assert line.front() is None and not line.active

@@ -10,6 +10,7 @@ and kept through every requeue.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import math
@@ -17,6 +18,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 import attrs
@@ -31,6 +33,8 @@ from ..job import (
 )
 
 log = logging.getLogger("trioq.dispatcher")
+
+_by_seq = attrgetter("seq")
 
 
 @attrs.frozen
@@ -81,6 +85,93 @@ class WorkerSlot:
         return "busy" if self.held else "idle"
 
 
+_QUEUED = JobState.QUEUED
+
+
+class _Lane:
+    """One priority of one line, in seq order.
+
+    Jobs nearly always arrive in seq order, so they go to a deque: 8 bytes a job and O(1)
+    at both ends, where a heap entry cost a tuple (about 80 bytes) and O(log n). The few
+    that arrive late (requeued, retried, due after a delay) wait in a small heap beside it;
+    the front is the smaller of the two. Entries whose job is no longer queued (cancelled,
+    or a stale twin of a job pushed again) are dropped when they reach the front.
+    """
+
+    __slots__ = ("fifo", "late")
+
+    def __init__(self) -> None:
+        self.fifo: deque[Job] = deque()
+        self.late: list[tuple[int, Job]] = []
+
+    def push(self, job: Job) -> None:
+        fifo = self.fifo
+        if not fifo or fifo[-1].seq < job.seq:
+            fifo.append(job)
+        else:
+            heapq.heappush(self.late, (job.seq, job))
+
+    def front(self) -> Job | None:
+        fifo = self.fifo
+        late = self.late
+        while fifo and fifo[0].state is not _QUEUED:
+            fifo.popleft()
+        while late and late[0][1].state is not _QUEUED:
+            heapq.heappop(late)
+        if fifo:
+            if late and late[0][0] < fifo[0].seq:
+                return late[0][1]
+            return fifo[0]
+        return late[0][1] if late else None
+
+    def pop_front(self) -> None:
+        """Remove the job ``front()`` returned last."""
+        fifo = self.fifo
+        late = self.late
+        if fifo and not (late and late[0][0] < fifo[0].seq):
+            fifo.popleft()
+        else:
+            heapq.heappop(late)
+
+    def __iter__(self):
+        yield from self.fifo
+        for _, job in self.late:
+            yield job
+
+
+class _Line:
+    """The queued jobs of one (queue, task): by priority (1 first), then by seq."""
+
+    __slots__ = ("lanes", "active")
+
+    def __init__(self) -> None:
+        self.lanes: dict[int, _Lane] = {}
+        self.active: list[int] = []  # priorities that may hold jobs, ascending
+
+    def push(self, job: Job) -> None:
+        lane = self.lanes.get(job.priority)
+        if lane is None:
+            lane = self.lanes[job.priority] = _Lane()
+            bisect.insort(self.active, job.priority)
+        lane.push(job)
+
+    def front(self) -> tuple[_Lane, Job] | None:
+        """The next job to dispatch and its lane, or None."""
+        active = self.active
+        lanes = self.lanes
+        while active:
+            lane = lanes[active[0]]
+            job = lane.front()
+            if job is not None:
+                return lane, job
+            del lanes[active.pop(0)]
+        return None
+
+    def __iter__(self):
+        for lane in self.lanes.values():
+            yield from lane
+
+
 @attrs.frozen
 class DispatcherStatistics:
     queued: int
@@ -125,7 +216,7 @@ class Dispatcher:
         self.rng = random.Random(seed)
         #: called with jobs whose state changed (the broker journals them)
         self.on_change = on_change or (lambda jobs: None)
-        self._buckets: dict[tuple[str, str], list[tuple[int, int, Job]]] = {}
+        self._lines: dict[tuple[str, str], _Line] = {}
         self._scheduled: list[tuple[float, int, Job]] = []
         self.live: dict[str, Job] = {}  # every unfinished job by id
         self.idempotency: dict[str, Job] = {}
@@ -171,7 +262,7 @@ class Dispatcher:
         self._next_seq = max(self._next_seq, next_seq)
         requeued: list[Job] = []
         live = self.live
-        buckets = self._buckets
+        pending: dict[tuple[str, str], list[Job]] = {}
         now = self.now()
         queued = JobState.QUEUED
         n = 0
@@ -188,19 +279,26 @@ class Dispatcher:
                 if job.run_at is not None and job.run_at > now:
                     self._enqueue(job)  # scheduled
                 else:
-                    # The common case, a million times at a restart: appended here, one
-                    # heapify per bucket below instead of a push each.
+                    # The common case, a million times at a restart: gathered per line and
+                    # put in seq order below, so nearly all go to the lanes' deques.
                     job.state = queued
-                    bucket = buckets.get((job.queue, job.task))
-                    if bucket is None:
-                        bucket = buckets[(job.queue, job.task)] = []
-                    bucket.append((job.priority, job.seq, job))
+                    key = (job.queue, job.task)
+                    batch = pending.get(key)
+                    if batch is None:
+                        batch = pending[key] = []
+                    batch.append(job)
                     n += 1
             if job.idempotency_key:
                 self.idempotency[job.idempotency_key] = job
         self.n_queued += n
-        for bucket in buckets.values():
-            heapq.heapify(bucket)
+        for key, batch in pending.items():
+            batch.sort(key=_by_seq)  # the store reads in seq order: this is a merge of runs
+            line = self._lines.get(key)
+            if line is None:
+                line = self._lines[key] = _Line()
+            push = line.push
+            for job in batch:
+                push(job)
         return requeued
 
     # --- the inbox ---------------------------------------------------------------
@@ -254,7 +352,7 @@ class Dispatcher:
     # --- queue state -------------------------------------------------------------
 
     def _enqueue(self, job: Job) -> None:
-        """Into its bucket, or the schedule when it has a run_at in the future."""
+        """Into its line, or the schedule when it has a run_at in the future."""
         if job.run_at is not None and job.run_at > self.now():
             job.state = JobState.SCHEDULED
             heapq.heappush(self._scheduled, (job.run_at, job.seq, job))
@@ -262,10 +360,10 @@ class Dispatcher:
             return
         job.state = JobState.QUEUED
         key = (job.queue, job.task)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = self._buckets[key] = []
-        heapq.heappush(bucket, (job.priority, job.seq, job))
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = _Line()
+        line.push(job)
         self.n_queued += 1
 
     def promote_due(self) -> list[Job]:
@@ -299,33 +397,31 @@ class Dispatcher:
             self.known_tasks.add(job.task)
         self.submitted += len(jobs)
 
-    def _bucket_keys(self, slot: WorkerSlot) -> list[tuple[str, str]]:
+    def _line_keys(self, slot: WorkerSlot) -> list[tuple[str, str]]:
         keys = []
-        buckets = self._buckets
+        lines = self._lines
         paused = self.paused
         for q in slot.queues:
             if q in paused:
                 continue
             for t in slot.tasks:
-                if (q, t) in buckets:
+                if (q, t) in lines:
                     keys.append((q, t))
         return keys
 
     def _pop_best(self, keys: list[tuple[str, str]]) -> Job | None:
-        best_bucket = None
-        best = None
-        buckets = self._buckets
+        best_lane: _Lane | None = None
+        best: Job | None = None
+        lines = self._lines
         for key in keys:
-            bucket = buckets[key]
-            while bucket and bucket[0][2].state is not JobState.QUEUED:
-                heapq.heappop(bucket)  # lazily dropped (cancelled)
-            if bucket and (best is None or bucket[0] < best):
-                best = bucket[0]
-                best_bucket = bucket
-        if best_bucket is None:
-            return None
-        heapq.heappop(best_bucket)
-        return best[2]  # type: ignore[index]
+            found = lines[key].front()
+            if found is not None:
+                lane, job = found
+                if best is None or (job.priority, job.seq) < (best.priority, best.seq):
+                    best, best_lane = job, lane
+        if best_lane is not None:
+            best_lane.pop_front()
+        return best
 
     def pump(self) -> int:
         """Give queued jobs to workers with credit; returns how many went out."""
@@ -340,7 +436,7 @@ class Dispatcher:
             slot = self.workers[wid]
             if slot.draining or slot.credit <= 0:
                 continue
-            keys = self._bucket_keys(slot)
+            keys = self._line_keys(slot)
             if not keys:
                 continue
             batch: list[Job] = []
@@ -570,9 +666,9 @@ class Dispatcher:
     # --- views --------------------------------------------------------------------------
 
     def queued_jobs(self) -> list[Job]:
-        """Every queued job in dispatch order per bucket (for tests and status)."""
+        """Every queued job in dispatch order (for tests and status)."""
         # A job cancelled and retried has a stale entry beside its live one: count it once.
-        jobs = {e[2].id: e[2] for b in self._buckets.values() for e in b if e[2].state is JobState.QUEUED}
+        jobs = {j.id: j for line in self._lines.values() for j in line if j.state is JobState.QUEUED}
         return sorted(jobs.values(), key=lambda j: (j.priority, j.seq))
 
     def queue_depths(self) -> dict[str, dict[int, int]]:
