@@ -155,6 +155,26 @@ class _Line:
             bisect.insort(self.active, job.priority)
         lane.push(job)
 
+    def extend(self, jobs: list[Job]) -> None:
+        """Many at once (a restart): per priority, sorted once and taken as the deque whole."""
+        per: dict[int, list[Job]] = {}
+        for job in jobs:
+            same = per.get(job.priority)
+            if same is None:
+                same = per[job.priority] = []
+            same.append(job)
+        for priority, same in per.items():
+            same.sort(key=_by_seq)  # the store reads in seq order: a merge of sorted runs
+            lane = self.lanes.get(priority)
+            if lane is None or not (lane.fifo or lane.late):
+                if lane is None:
+                    lane = self.lanes[priority] = _Lane()
+                    bisect.insort(self.active, priority)
+                lane.fifo.extend(same)
+            else:
+                for job in same:
+                    lane.push(job)
+
     def front(self) -> tuple[_Lane, Job] | None:
         """The next job to dispatch and its lane, or None."""
         active = self.active
@@ -265,9 +285,11 @@ class Dispatcher:
         pending: dict[tuple[str, str], list[Job]] = {}
         now = self.now()
         queued = JobState.QUEUED
+        running = JobState.RUNNING
+        idempotency = self.idempotency
         n = 0
         for job in jobs:
-            if job.state is JobState.RUNNING:
+            if job.state is running:
                 job.worker = None
                 self._lose(job)  # requeued through _enqueue, or dead
                 requeued.append(job)
@@ -289,16 +311,13 @@ class Dispatcher:
                     batch.append(job)
                     n += 1
             if job.idempotency_key:
-                self.idempotency[job.idempotency_key] = job
+                idempotency[job.idempotency_key] = job
         self.n_queued += n
         for key, batch in pending.items():
-            batch.sort(key=_by_seq)  # the store reads in seq order: this is a merge of runs
             line = self._lines.get(key)
             if line is None:
                 line = self._lines[key] = _Line()
-            push = line.push
-            for job in batch:
-                push(job)
+            line.extend(batch)
         return requeued
 
     # --- the inbox ---------------------------------------------------------------
