@@ -17,7 +17,7 @@ from .trioq_bench import backlog
 @_report.json_option
 def main(jobs: int, sync: str, json_path: str | None) -> None:
     r = backlog(jobs, sync=sync)
-    for key in ("jobs", "enqueue_rate", "queued", "broker_rss_mib", "restart_to_serving_s", "rss_after_restart_mib",
+    for key in ("jobs", "enqueue_rate", "queued", "broker_rss_mib", "broker_rss_settled_mib", "restart_to_serving_s", "rss_after_restart_mib",
                 "queued_after_restart", "drain_rate", "drain_wall_rate", "completed"):
         v = r.get(key)
         print(f"{key:<24} {v:,.2f}" if isinstance(v, float) else f"{key:<24} {v}")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from functools import partial
+
 import trio
 import trio.testing
 
 from trioq.broker.config import BrokerConfig
+from trioq.broker.heap import trim_after_churn
 from trioq.broker.server import Broker
 from trioq.job import JobSpec, JobState
 from trioq.store.memory import MemoryStore
@@ -71,3 +75,42 @@ async def test_zero_delay_journals_running_at_dispatch(autojump_clock, nursery):
     await w.next_delivery()
     await trio.testing.wait_all_tasks_blocked()
     assert store.log == [(job_id, "queued"), (job_id, "running")]
+
+
+async def test_heap_trims_follow_heavy_writes_and_their_end(autojump_clock, nursery):
+    """The policy on the mock clock: the trim runs inline here (in a thread in the broker)."""
+    rows = 0
+    calls: list[float] = []
+
+    def trim(pad: int) -> int:
+        calls.append(trio.current_time())
+        return 1
+
+    async def inline(fn, *args):
+        return fn(*args)
+
+    nursery.start_soon(partial(trim_after_churn, lambda: rows, every=1.0, threshold=10, trim=trim, offload=inline))
+    await trio.sleep(5.5)  # between the trimmer's ticks, at whole seconds
+    assert calls == []  # nothing written: nothing to trim
+    for _ in range(6):  # a burst of two rows a second: 10 rows by the tick at t=10
+        rows += 2
+        await trio.sleep(1)
+    assert calls == [10.0]
+    await trio.sleep(1)
+    assert calls == [10.0, 12.0]  # at t=12 the burst had ended, with rows since the trim
+    await trio.sleep(30)
+    assert calls == [10.0, 12.0]  # quiet, nothing new: no more trims
+
+
+async def test_the_broker_trims_its_heap_after_writes(nursery, monkeypatch):
+    """Wired in (real clock, tiny interval): the first commit leads to a trim in a thread."""
+    from trioq.broker import heap
+
+    real = heap.malloc_trim
+    assert real is not None  # glibc here: the real one exists
+    trimmed = threading.Event()
+    monkeypatch.setattr(heap, "malloc_trim", lambda pad: trimmed.set() or real(pad))
+    broker = make(MemoryStore(), heap_trim_rows=1, heap_trim_interval=0.01)
+    await broker.start_core(nursery)
+    await broker.submit([JobSpec("noop", {})])
+    assert await trio.to_thread.run_sync(trimmed.wait, 30)

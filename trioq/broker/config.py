@@ -49,6 +49,9 @@ class BrokerConfig:
     # lifecycle
     result_ttl: float = 7 * 24 * 3600.0
     purge_interval: float = 60.0
+    # memory: give free heap pages back after this many rows were written (0: never)
+    heap_trim_rows: int = 50_000
+    heap_trim_interval: float = 1.0
     max_worker_losses: int = 5
     retry_base: float = 1.0
     retry_max: float = 300.0

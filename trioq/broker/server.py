@@ -15,6 +15,7 @@ import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -48,6 +49,7 @@ from .auth import MAY_ACT_AS, Authenticator
 from .config import BrokerConfig, is_loopback
 from .dispatcher import CALL, SUBMIT, Dispatcher, RetryPolicy, WorkerSlot
 from .events import EventHub
+from .heap import trim_after_churn
 from .sessions import (
     NAME_RE,
     ProducerSession,
@@ -248,6 +250,10 @@ class Broker:
         await nursery.start(d.run)
         nursery.start_soon(self._purge_loop)
         nursery.start_soon(self._mark_loop)
+        nursery.start_soon(partial(
+            trim_after_churn, lambda: self.writer.rows,
+            every=self.config.heap_trim_interval, threshold=self.config.heap_trim_rows,
+        ))
 
     async def _count_finished(self) -> None:
         self._seed_finished(await trio.to_thread.run_sync(self.store.counts_sync))
