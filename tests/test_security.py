@@ -406,9 +406,10 @@ async def test_only_an_admin_pauses_a_queue_and_its_jobs_wait_until_resumed(
         with pytest.raises(RemoteError) as info:
             await alice.pause("default")
         assert info.value.code == "forbidden"
-        with pytest.raises(RemoteError) as info:
-            await admin.pause("no spaces")
-        assert info.value.code == "invalid_field"
+        for bad in ("no spaces", "default\n", ""):
+            with pytest.raises(RemoteError) as info:
+                await admin.pause(bad)
+            assert info.value.code == "invalid_field"
         assert await admin.pause("default") is True
         held = await alice.submit("reverse_string", {"data": "held"})
         # the one worker slot is free: a job on another queue, submitted after, runs first

@@ -102,27 +102,29 @@ class _Lane:
 
     def __init__(self) -> None:
         self.fifo: deque[Job] = deque()
-        self.late: list[tuple[int, Job]] = []
+        self.late: list[tuple[int, int, Job]] = []
 
     def push(self, job: Job) -> None:
         fifo = self.fifo
         if not fifo or fifo[-1].seq < job.seq:
             fifo.append(job)
         else:
-            heapq.heappush(self.late, (job.seq, job))
+            # id() breaks a tie between two objects of one job (a stale entry and a copy read
+            # back from the store), which cannot be compared; the stale one is dropped anyway.
+            heapq.heappush(self.late, (job.seq, id(job), job))
 
     def front(self) -> Job | None:
         fifo = self.fifo
         late = self.late
         while fifo and fifo[0].state is not _QUEUED:
             fifo.popleft()
-        while late and late[0][1].state is not _QUEUED:
+        while late and late[0][2].state is not _QUEUED:
             heapq.heappop(late)
         if fifo:
             if late and late[0][0] < fifo[0].seq:
-                return late[0][1]
+                return late[0][2]
             return fifo[0]
-        return late[0][1] if late else None
+        return late[0][2] if late else None
 
     def pop_front(self) -> None:
         """Remove the job ``front()`` returned last."""
@@ -135,7 +137,7 @@ class _Lane:
 
     def __iter__(self):
         yield from self.fifo
-        for _, job in self.late:
+        for _, _, job in self.late:
             yield job
 
 
@@ -237,7 +239,7 @@ class Dispatcher:
         #: called with jobs whose state changed (the broker journals them)
         self.on_change = on_change or (lambda jobs: None)
         self._lines: dict[tuple[str, str], _Line] = {}
-        self._scheduled: list[tuple[float, int, Job]] = []
+        self._scheduled: list[tuple[float, int, int, Job]] = []
         self.live: dict[str, Job] = {}  # every unfinished job by id
         self.idempotency: dict[str, Job] = {}
         self.workers: dict[str, WorkerSlot] = {}
@@ -374,7 +376,7 @@ class Dispatcher:
         """Into its line, or the schedule when it has a run_at in the future."""
         if job.run_at is not None and job.run_at > self.now():
             job.state = JobState.SCHEDULED
-            heapq.heappush(self._scheduled, (job.run_at, job.seq, job))
+            heapq.heappush(self._scheduled, (job.run_at, job.seq, id(job), job))
             self.n_scheduled += 1
             return
         job.state = JobState.QUEUED
@@ -390,7 +392,7 @@ class Dispatcher:
         due: list[Job] = []
         sched = self._scheduled
         while sched and sched[0][0] <= now:
-            at, _, job = heapq.heappop(sched)
+            at, _, _, job = heapq.heappop(sched)
             if job.state is not JobState.SCHEDULED or job.run_at != at:
                 continue  # cancelled or rescheduled meanwhile (lazy deletion)
             self.n_scheduled -= 1
@@ -402,7 +404,7 @@ class Dispatcher:
         return due
 
     def next_due(self) -> float | None:
-        while self._scheduled and self._scheduled[0][2].run_at != self._scheduled[0][0]:
+        while self._scheduled and self._scheduled[0][3].run_at != self._scheduled[0][0]:
             heapq.heappop(self._scheduled)
         return self._scheduled[0][0] if self._scheduled else None
 

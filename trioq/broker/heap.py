@@ -58,4 +58,8 @@ async def trim_after_churn(
         seen = now
         if now - trimmed_at >= threshold or (quiet and now > trimmed_at):
             trimmed_at = now
-            await offload(trim, 0)
+            try:
+                await offload(trim, 0)
+            except Exception as exc:  # an optimisation: never worth the broker
+                log.warning("heap trimming failed and is off from now on: %r", exc)
+                return

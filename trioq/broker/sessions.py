@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioq.broker")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}\Z")  # \Z: no trailing newline
 _NO_DEFAULTS: dict[str, Any] = {}
 _GOOD_NAMES: set[str] = set()  # names that matched NAME_RE once (bounded below)
 
