@@ -113,6 +113,15 @@ class _Lane:
             # back from the store), which cannot be compared; the stale one is dropped anyway.
             heapq.heappush(self.late, (job.seq, id(job), job))
 
+    def extend(self, jobs: list[Job]) -> None:
+        """Jobs sorted by seq (a restart): taken whole when they follow the deque's tail."""
+        fifo = self.fifo
+        if jobs and (not fifo or fifo[-1].seq < jobs[0].seq):
+            fifo.extend(jobs)
+        else:
+            for job in jobs:
+                self.push(job)
+
     def front(self) -> Job | None:
         fifo = self.fifo
         late = self.late
@@ -150,12 +159,15 @@ class _Line:
         self.lanes: dict[int, _Lane] = {}
         self.active: list[int] = []  # priorities that may hold jobs, ascending
 
-    def push(self, job: Job) -> None:
-        lane = self.lanes.get(job.priority)
+    def _lane(self, priority: int) -> _Lane:
+        lane = self.lanes.get(priority)
         if lane is None:
-            lane = self.lanes[job.priority] = _Lane()
-            bisect.insort(self.active, job.priority)
-        lane.push(job)
+            lane = self.lanes[priority] = _Lane()
+            bisect.insort(self.active, priority)
+        return lane
+
+    def push(self, job: Job) -> None:
+        self._lane(job.priority).push(job)
 
     def extend(self, jobs: list[Job]) -> None:
         """Many at once (a restart): per priority, sorted once and taken as the deque whole."""
@@ -167,15 +179,7 @@ class _Line:
             same.append(job)
         for priority, same in per.items():
             same.sort(key=_by_seq)  # the store reads in seq order: a merge of sorted runs
-            lane = self.lanes.get(priority)
-            if lane is None or not (lane.fifo or lane.late):
-                if lane is None:
-                    lane = self.lanes[priority] = _Lane()
-                    bisect.insort(self.active, priority)
-                lane.fifo.extend(same)
-            else:
-                for job in same:
-                    lane.push(job)
+            self._lane(priority).extend(same)
 
     def front(self) -> tuple[_Lane, Job] | None:
         """The next job to dispatch and its lane, or None."""
@@ -316,10 +320,7 @@ class Dispatcher:
                 idempotency[job.idempotency_key] = job
         self.n_queued += n
         for key, batch in pending.items():
-            line = self._lines.get(key)
-            if line is None:
-                line = self._lines[key] = _Line()
-            line.extend(batch)
+            self._line(key).extend(batch)
         return requeued
 
     # --- the inbox ---------------------------------------------------------------
@@ -380,12 +381,14 @@ class Dispatcher:
             self.n_scheduled += 1
             return
         job.state = JobState.QUEUED
-        key = (job.queue, job.task)
+        self._line((job.queue, job.task)).push(job)
+        self.n_queued += 1
+
+    def _line(self, key: tuple[str, str]) -> _Line:
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = _Line()
-        line.push(job)
-        self.n_queued += 1
+        return line
 
     def promote_due(self) -> list[Job]:
         now = self.now()

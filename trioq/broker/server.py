@@ -664,6 +664,8 @@ class Broker:
         return job
 
     async def set_paused(self, queue: str, paused: bool) -> None:
+        if not NAME_RE.match(queue):
+            raise RequestError(ErrorCode.INVALID_FIELD, "queue name must be 1-200 letters, digits or _.:-")
         await self._call(self.dispatcher.set_paused, queue, paused)
         store = self.store
         if store.inline:

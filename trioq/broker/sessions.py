@@ -235,8 +235,6 @@ class ProducerSession(Session):
         self.conn.send_nowait(JobReply(msg.req, await self.broker.discard_job(msg.id)))
 
     async def _pause(self, msg: PauseQueue, _size: int = 0) -> None:
-        if not NAME_RE.match(msg.queue):
-            raise RequestError(ErrorCode.INVALID_FIELD, "queue name must be 1-200 letters, digits or _.:-")
         await self.broker.set_paused(msg.queue, msg.paused)
         self.conn.send_nowait(QueueReply(msg.req, msg.queue, msg.queue in self.broker.dispatcher.paused))
 

@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 import trioq
 
 from ..broker.server import worker_view
-from ..broker.sessions import NAME_RE, RequestError
+from ..broker.sessions import RequestError
 from ..errors import ErrorCode, StoreError
 from ..job import Job, JobSpec, JobState
 from ..protocol.messages import PROTOCOL_VERSION, converter, describe_structure_error
@@ -371,9 +371,10 @@ class HttpApi:
     async def queue_action(self, request: Request, pause: bool) -> Response:
         self.require_token(request)
         name = request.path_params["name"]
-        if not NAME_RE.match(name):
-            raise ApiError(422, "invalid_field", "queue name must be 1-200 letters, digits or _.:-")
-        await self.broker.set_paused(name, pause)
+        try:
+            await self.broker.set_paused(name, pause)
+        except RequestError as exc:
+            raise self.refused(exc) from None
         return JSONResponse(self.queue(name))
 
     async def worker_action(self, request: Request, stop: bool) -> Response:
