@@ -199,6 +199,35 @@ def test_reopen_restores_unfinished_in_seq_order_next_seq_tasks_and_paused(tmp_p
         again.close_sync()
 
 
+def test_recovery_reads_never_run_and_used_jobs_back_field_for_field(tmp_path):
+    """Recovery reads never-run rows through a packed "shape" column and the others in full:
+    every field must come back exactly, whichever way the row was read."""
+    path = tmp_path / "q.db"
+    store = SQLiteStore(path)
+    store.open_sync()
+    jobs = [
+        make_job(1, store),  # the common case
+        make_job(2, store, task="t2", queue="q2", priority=1, max_attempts=7, timeout=0.1,
+                 idempotency_key='k "2"', owner="ann", payload={"x": [1, 2.5]}),
+        make_job(3, store, state=JobState.SCHEDULED, run_at=1795894445.8515682),  # full precision
+        make_job(4, store, attempts=1, failures=1, error=ErrorInfo("Boom", "b", "tb", True),
+                 progress=Progress(0.5, "half")),  # retried: not pristine
+        make_job(5, store, state=JobState.RUNNING, attempts=1, started_at=2000.0, worker="w1"),
+        make_job(6, store, payload=None, owner="ann"),
+        make_job(7, store, state=JobState.COMPLETED, attempts=1, result=7, finished_at=3000.0),
+        make_job(8, store, idempotency_key='k "2"x', owner="bob"),  # the same shape but one field
+    ]
+    store.write_sync([store.row(j) for j in jobs], tasks=["noop"])
+    store.close_sync()
+    again = SQLiteStore(path)
+    rec = again.open_sync()
+    try:
+        assert [as_dict(j) for j in rec.jobs] == [as_dict(j) for j in jobs if not j.state.terminal]
+        assert rec.jobs[0].task is rec.jobs[2].task  # names are shared, one string per name
+    finally:
+        again.close_sync()
+
+
 def test_wal_and_synchronous_full_by_default(tmp_path, db):
     w = db._w
     r = db._r

@@ -215,6 +215,7 @@ class Broker:
         gc.disable()
         try:
             recovered = store.open_sync() if store.inline else await trio.to_thread.run_sync(store.open_sync)
+            t_read = time.perf_counter() - t0
             d = self.dispatcher
             d.known_tasks.update(BUILTIN_TASKS)
             d.known_tasks.update(self.config.tasks)
@@ -244,8 +245,8 @@ class Broker:
                 len(requeued), ", ".join(j.id for j in requeued[:20]),
             )
         log.info(
-            "store %s: %d unfinished job(s) restored in %.2fs", store.description,
-            len(recovered.jobs), time.perf_counter() - t0,
+            "store %s: %d unfinished job(s) restored in %.2fs (read %.2fs)", store.description,
+            len(recovered.jobs), time.perf_counter() - t0, t_read,
         )
         await nursery.start(d.run)
         nursery.start_soon(self._purge_loop)
