@@ -8,6 +8,8 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import trioq
 from trioq.broker.config import BrokerConfig
@@ -16,7 +18,7 @@ from trioq.broker.sessions import RequestError
 from trioq.errors import ErrorCode, StoreError
 from trioq.job import ErrorInfo, Job, JobSpec, JobState, Progress
 from trioq.store.memory import MemoryStore
-from trioq.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from trioq.store.sqlite import _COLUMNS, SCHEMA_VERSION, SQLiteStore
 from trioq.store.writer import StoreWriter
 
 from .conftest import FakeWorker, memory_connect
@@ -226,6 +228,61 @@ def test_recovery_reads_never_run_and_used_jobs_back_field_for_field(tmp_path):
         assert rec.jobs[0].task is rec.jobs[2].task  # names are shared, one string per name
     finally:
         again.close_sync()
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_times = st.floats(0, 4e9, allow_nan=False) | st.floats(0, 1, allow_nan=False)
+
+
+@st.composite
+def _batch_jobs(draw):
+    """Jobs as the broker inserts them and then finishes them on their first attempt."""
+    n = draw(st.integers(1, 12))
+    jobs = []
+    for seq in range(1, n + 1):
+        job = make_job(
+            seq, payload=draw(_json_values), priority=draw(st.integers(1, 10)),
+            task=draw(st.sampled_from(["noop", "t-2"])), max_attempts=draw(st.integers(1, 1000)),
+            timeout=draw(st.none() | _times.filter(bool)), created_at=draw(_times),
+            run_at=draw(st.none() | _times), idempotency_key=draw(st.none() | st.text(min_size=1, max_size=20)),
+            owner=draw(st.none() | st.text(min_size=1, max_size=10)),
+        )
+        done = attrs.evolve(
+            job, state=JobState.COMPLETED, attempts=1, started_at=draw(_times), finished_at=draw(_times),
+            worker=draw(st.text(max_size=10)), result=draw(_json_values),
+            progress=draw(st.none() | st.builds(Progress, st.floats(0, 1), st.text(max_size=10))),
+        )
+        jobs.append((job, done))
+    return jobs
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=_batch_jobs())
+def test_a_batch_written_as_one_json_value_stores_what_executemany_stores(tmp_path_factory, batch):
+    """Large batches are bound as one JSON text (no GIL convoy); the rows must be the same,
+    value for value and type for type, as sqlite3's own binding writes them."""
+    stored = []
+    for json_rows in (0, 10**9):  # always JSON, never JSON
+        store = SQLiteStore(tmp_path_factory.mktemp("db") / "q.db", synchronous="off")
+        store.json_batch_rows = json_rows
+        store.open_sync()
+        try:
+            store.commit_sync([store.insert_row(job) for job, _ in batch], [])
+            inserted = store._w.execute("SELECT *, typeof(payload), typeof(timeout) FROM jobs ORDER BY seq").fetchall()
+            store.commit_sync([], [store.update_row(done) for _, done in batch])
+            updated = store._w.execute("SELECT *, typeof(result), typeof(progress) FROM jobs ORDER BY seq").fetchall()
+            assert [j.seq for j in store.open_sync().jobs] == []  # all finished
+            jobs = [store._job(r) for r in store._w.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY seq")]
+            assert [as_dict(j) for j in jobs] == [as_dict(d) for _, d in batch]
+        finally:
+            store.close_sync()
+        stored.append((inserted, updated))
+    assert stored[0] == stored[1]
 
 
 def test_wal_and_synchronous_full_by_default(tmp_path, db):
