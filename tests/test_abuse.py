@@ -704,6 +704,34 @@ def test_decoder_edges() -> None:
         check_decode(body)
 
 
+_payloads = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+_maybe_float = st.none() | st.floats(0, 1e10, allow_nan=False)
+_specs = st.builds(
+    JobSpec, st.sampled_from(["noop", "t.2"]), _payloads, st.integers(1, 10), st.sampled_from(["default", "q2"]),
+    _maybe_float, _maybe_float, st.none() | st.integers(1, 1000), _maybe_float, st.none() | st.text(max_size=5),
+)
+
+
+@FUZZ
+@given(st.lists(_specs, min_size=1, max_size=5))
+def test_a_submit_leaves_its_defaults_out_and_decodes_to_the_same_jobs(specs: list[JobSpec]) -> None:
+    assert decode(encode(Submit(3, specs))) == Submit(3, specs)
+
+
+def test_a_submit_of_default_jobs_carries_only_their_tasks_and_wrong_fields_name_the_job() -> None:
+    assert orjson.loads(encode(Submit(1, [JobSpec("noop", {}), JobSpec("noop", None)]))) == {
+        "t": "submit", "req": 1, "jobs": [{"task": "noop"}, {"task": "noop", "payload": None}],
+    }
+    body = orjson.dumps({"t": "submit", "req": 1, "jobs": [{"task": "noop"}, {"task": "noop", "priority": "high"}]})
+    with pytest.raises(ProtocolError, match=r"expected int @ \$\.jobs\[1\]\.priority"):
+        decode(body)
+
+
 # --- a bounded fuzz against the live broker --------------------------------------------------------------
 
 DEEP = "<300 levels of nesting>"  # spliced in after encoding: orjson writes only 253

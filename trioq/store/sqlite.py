@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import orjson
 
 from ..job import (
@@ -133,15 +132,6 @@ SYNC_MODES = ("full", "normal", "off")
 _dumps = orjson.dumps
 _loads = orjson.loads
 
-#: Job's fields in the order _new_job passes them.
-_JOB_FIELDS = (
-    "id", "seq", "task", "payload", "priority", "queue", "state", "attempts", "failures", "worker_losses",
-    "max_attempts", "timeout", "run_at", "created_at", "started_at", "finished_at", "worker", "result",
-    "error", "progress", "idempotency_key", "dead_reason", "owner",
-)
-if tuple(f.name for f in attrs.fields(Job)) != _JOB_FIELDS:  # pragma: no cover - a programming error
-    raise ImportError("trioq.job.Job's fields changed: update _JOB_FIELDS and _FreshRows.job")
-
 #: What recovery reads of a never-run job. sqlite3 pays per column, and in a backlog the
 #: columns that repeat (task, queue, state, attempts allowed, key, owner) come as one JSON
 #: "shape" that is parsed once per distinct value: 8 columns instead of 13, a third faster.
@@ -154,7 +144,7 @@ _FRESH_SELECT = (
 
 class _FreshRows:
     """Builds never-run jobs from _FRESH_SELECT rows, every field by position (half the cost
-    of keywords on a million rows); _JOB_FIELDS guards the order."""
+    of keywords on a million rows); trioq.job.FIELD_ORDER guards the order."""
 
     MAX_SHAPES = 10_000  # distinct shapes remembered; keys make every shape distinct
 
