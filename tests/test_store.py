@@ -557,6 +557,7 @@ async def test_delayed_jobs_are_stored_as_scheduled(tmp_path, nursery):
 async def test_a_writer_stopped_before_its_commit_leaves_every_row_to_the_final_flush(tmp_path):
     """The broker stopping between a batch's receipt and its commit once lost those rows."""
     store = SQLiteStore(tmp_path / "stop.db")
+    store.inline_max_rows = 0  # every commit takes a thread, so there is a moment before it
     store.open_sync()
     writer = StoreWriter(store)
     jobs = [make_job(s, store) for s in (1, 2, 3)]
@@ -609,3 +610,48 @@ def test_a_new_journal_and_its_wal_are_readable_by_the_broker_only(tmp_path):
         store.close_sync()
     finally:
         os.umask(old)
+
+
+def test_small_commits_run_on_the_calling_thread_only_while_they_are_quick_and_the_connection_is_free(tmp_path):
+    """commit_nowait spares an idle job two thread hand-offs, but never waits for the write lock
+    nor blocks the loop on a slow disk or a big batch: each refusal writes nothing."""
+    store = SQLiteStore(tmp_path / "inline.db")
+    store.open_sync()
+    jobs = [make_job(s, store) for s in range(1, 20)]
+
+    def stored() -> int:
+        return len(store.list_sync(limit=100).jobs)
+
+    assert store.commit_nowait([store.insert_row(jobs[0])], [])
+    assert stored() == 1
+    big = [store.insert_row(j) for j in jobs[1 : 2 + store.inline_max_rows]]
+    assert not store.commit_nowait(big, [])
+    assert stored() == 1
+    with store._wlock:  # a purge or a threaded commit holds the connection
+        assert not store.commit_nowait([store.insert_row(jobs[1])], [])
+    assert stored() == 1
+    store.inline_max_seconds = 0.0  # the small commits measured so far now count as slow
+    assert not store.commit_nowait([store.insert_row(jobs[1])], [])
+    assert stored() == 1
+    store.commit_sync([store.insert_row(jobs[1])], [])  # the thread's way still writes
+    store.inline_max_seconds = 60.0
+    assert store.commit_nowait([store.insert_row(jobs[2])], [])
+    assert [j.id for j in reversed(store.list_sync(limit=100).jobs)] == [j.id for j in jobs[:3]]
+    store.close_sync()
+
+
+async def test_a_writes_committed_callback_runs_after_its_commit_and_never_after_a_failure(tmp_path):
+    store = SQLiteStore(tmp_path / "cb.db")
+    store.open_sync()
+    writer = StoreWriter(store)
+    seen: list[tuple[str, int]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        job = make_job(1, store)
+        await writer.write([job], new=True, committed=lambda: seen.append((job.id, len(store.list_sync().jobs))))
+        assert seen == [(job.id, 1)]  # called once, and the row was already there
+        with pytest.raises(StoreError):  # the same seq again: the insert fails
+            await writer.write([make_job(1, store)], new=True, committed=lambda: seen.append(("again", 0)))
+        assert seen == [(job.id, 1)]
+        nursery.cancel_scope.cancel()
+    store.close_sync()

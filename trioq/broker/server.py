@@ -530,15 +530,16 @@ class Broker:
                 claimed.append(key)
         jobs = [j for j, i in zip(jobs, fresh_pos, strict=True) if not existing[i]]
         if jobs:
-            # Shielded: once the commit is asked for, the jobs must reach the dispatcher.
+            # The dispatcher hears of the jobs from the writer task, the moment they are
+            # committed: a turn of the scheduler sooner than this task could tell it, and
+            # even if this task is cancelled. Shielded: a failed commit must free its keys.
             with trio.CancelScope(shield=True):
                 try:
-                    await self.writer.write(jobs, new=True)
+                    await self.writer.write(jobs, new=True, committed=partial(d.post, SUBMIT, jobs))
                 except StoreError:
                     for key in claimed:
                         d.idempotency.pop(key, None)
                     raise
-                d.post(SUBMIT, jobs)
                 for obs in self.observers:
                     obs("submitted", jobs)
         return ids, existing  # type: ignore[return-value]

@@ -164,7 +164,10 @@ class ProducerSession(Session):
             return
         borrower = object()
         size = self.conn.last_size
-        await limiter.acquire_on_behalf_of(borrower)
+        try:  # no trip through the scheduler while the limiter has room
+            limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(borrower)
         nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size)
 
     async def _serve(self, handler, msg: Message, limiter: trio.CapacityLimiter, req: int | None, borrower: object, size: int) -> None:

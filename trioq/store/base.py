@@ -70,6 +70,14 @@ class Store(abc.ABC):
         """One transaction: new jobs (``row``) and changed ones (``update_row``)."""
         self.write_sync([*inserts, *updates], tasks)
 
+    def commit_nowait(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> bool:
+        """``commit_sync`` on the calling thread (the event loop) when that cannot hold it up
+        for long; False, having written nothing, when the caller must take a thread."""
+        if not self.inline:
+            return False
+        self.commit_sync(inserts, updates, tasks)
+        return True
+
     @abc.abstractmethod
     def get_sync(self, job_id: str) -> Job | None: ...
 

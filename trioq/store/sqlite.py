@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,10 @@ class SQLiteStore(Store):
     inline = False
     #: Batches of at least this many rows are written as one JSON value (_json_batch).
     json_batch_rows = 64
+    #: commit_nowait commits on the loop up to this many rows, while small commits have
+    #: been taking no longer than inline_max_seconds (a moving average).
+    inline_max_rows = 16
+    inline_max_seconds = 0.002
     durable = True
 
     def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
@@ -185,6 +190,7 @@ class SQLiteStore(Store):
         self._r: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
         self._wlock = threading.Lock()  # the write connection is used from worker threads
+        self._small_commit_seconds = 0.0
         cols = ", ".join(_COLUMNS)
         marks = ", ".join("?" * len(_COLUMNS))
         updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in _IMMUTABLE)
@@ -367,32 +373,58 @@ class SQLiteStore(Store):
         )
 
     def commit_sync(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
+        with self._wlock:
+            self._commit_locked(inserts, updates, tasks)
+
+    def commit_nowait(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> bool:
+        """A small commit runs on the event loop while small commits are quick here.
+
+        Handing a commit of a row or two to a thread and back costs more than the commit
+        itself on a fast disk (two thread wake-ups, three turns of the scheduler): it is
+        most of an idle job's latency. A slow disk, or a purge holding the write
+        connection, sends every commit back to a thread.
+        """
+        if len(inserts) + len(updates) > self.inline_max_rows or self._small_commit_seconds > self.inline_max_seconds:
+            return False
+        if not self._wlock.acquire(blocking=False):
+            return False
+        try:
+            self._commit_locked(inserts, updates, tasks)
+        finally:
+            self._wlock.release()
+        return True
+
+    def _commit_locked(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str]) -> None:
         w = self._w
         assert w is not None, "store is not open"
-        with self._wlock:
-            w.execute("BEGIN")
-            try:
-                if inserts:
-                    n_new = len(_NEW_COLUMNS)
-                    fresh = [r for r in inserts if len(r) == n_new]
-                    if fresh:
-                        self._write_many(w, self._insert_new, self._insert_new_json, fresh)
-                    if len(fresh) < len(inserts):
-                        w.executemany(self._insert, [r for r in inserts if len(r) != n_new])
-                if updates:
-                    n_first = len(_FIRST_ATTEMPT_COLUMNS) + 1
-                    first = [r for r in updates if len(r) == n_first]
-                    if first:
-                        self._write_many(w, self._update_first, self._update_first_json, first)
-                    if len(first) < len(updates):
-                        w.executemany(self._update, [r for r in updates if len(r) != n_first])
-                if tasks:
-                    w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
-                w.execute("COMMIT")
-            except BaseException:
-                if w.in_transaction:
-                    w.execute("ROLLBACK")
-                raise
+        small = len(inserts) + len(updates) <= self.inline_max_rows
+        started = time.perf_counter() if small else 0.0
+        w.execute("BEGIN")
+        try:
+            if inserts:
+                n_new = len(_NEW_COLUMNS)
+                fresh = [r for r in inserts if len(r) == n_new]
+                if fresh:
+                    self._write_many(w, self._insert_new, self._insert_new_json, fresh)
+                if len(fresh) < len(inserts):
+                    w.executemany(self._insert, [r for r in inserts if len(r) != n_new])
+            if updates:
+                n_first = len(_FIRST_ATTEMPT_COLUMNS) + 1
+                first = [r for r in updates if len(r) == n_first]
+                if first:
+                    self._write_many(w, self._update_first, self._update_first_json, first)
+                if len(first) < len(updates):
+                    w.executemany(self._update, [r for r in updates if len(r) != n_first])
+            if tasks:
+                w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
+            w.execute("COMMIT")
+        except BaseException:
+            if w.in_transaction:
+                w.execute("ROLLBACK")
+            raise
+        if small:
+            # Recent small commits, whichever thread ran them: what one would cost the loop now.
+            self._small_commit_seconds += (time.perf_counter() - started - self._small_commit_seconds) / 8
 
     def _write_many(self, w: sqlite3.Connection, sql: str, json_sql: str, rows: Sequence[tuple]) -> None:
         if len(rows) >= self.json_batch_rows:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
@@ -31,6 +31,7 @@ class _Request:
     done: trio.Event | None
     error: BaseException | None = None
     tasks: tuple[str, ...] = ()
+    committed: Callable[[], object] | None = None
 
 
 @attrs.frozen
@@ -60,9 +61,15 @@ class StoreWriter:
         #: callbacks([(job, state as committed)]) after each successful commit
         self.on_commit: list = []
 
-    async def write(self, jobs: list[Job], *, new: bool = False, tasks: Iterable[str] = ()) -> None:
-        """Write and wait for the commit; StoreError if it failed (nothing of ``new`` is kept)."""
-        req = _Request(jobs, new, trio.Event(), tasks=tuple(tasks))
+    async def write(
+        self, jobs: list[Job], *, new: bool = False, tasks: Iterable[str] = (), committed: Callable[[], object] | None = None,
+    ) -> None:
+        """Write and wait for the commit; StoreError if it failed (nothing of ``new`` is kept).
+
+        ``committed`` runs in the writer task as soon as the commit succeeds, a turn of the
+        scheduler before the caller wakes, and whether or not the caller is still waiting.
+        """
+        req = _Request(jobs, new, trio.Event(), tasks=tuple(tasks), committed=committed)
         self._send.send_nowait(req)
         assert req.done is not None
         await req.done.wait()
@@ -163,10 +170,9 @@ class StoreWriter:
         states = [(job, job.state) for job in pending.values()]
         rows = inserts
         try:
-            if store.inline:
-                store.commit_sync(inserts, updates, sorted(tasks))
-            else:
-                await trio.to_thread.run_sync(store.commit_sync, inserts, updates, sorted(tasks))
+            task_names = sorted(tasks)
+            if not store.commit_nowait(inserts, updates, task_names):
+                await trio.to_thread.run_sync(store.commit_sync, inserts, updates, task_names)
         except Exception as exc:
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -198,5 +204,7 @@ class StoreWriter:
         for cb in self.on_commit:
             cb(states)
         for req in batch:
+            if req.committed is not None:
+                req.committed()
             if req.done is not None:
                 req.done.set()

@@ -395,7 +395,15 @@ class Worker:
         self._outbox_sizes.append(
             OUTCOME_OVERHEAD + size + (2 * (len(err.type) + len(err.message) + len(err.traceback)) if err else 0)
         )
-        self._flush.set()
+        if self._running:
+            self._flush.set()  # others may finish in this same moment: the flusher batches them
+        else:
+            # Nothing else is running, so nothing can join the batch: waking the flusher
+            # would only cost two more trips through the scheduler (idle latency).
+            try:
+                self._send_outbox(conn)
+            except ConnectionLost:
+                pass
 
     def _report_progress(self, conn: FramedConnection, d: Delivery, p: Progress) -> None:
         if d.id in self._running:
