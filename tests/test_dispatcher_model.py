@@ -463,12 +463,13 @@ def test_job_ids_are_distinct_16_hex_names_that_map_back_to_their_seq(key, first
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(
-    st.tuples(st.sampled_from(["push", "fresh", "extend", "pop", "cancel"]), st.integers(1, 4), st.integers(0, 40)),
+    st.tuples(st.sampled_from(["push", "fresh", "extend", "pop", "cancel", "take"]), st.integers(1, 4), st.integers(0, 40)),
     max_size=80,
-))
-def test_a_line_gives_jobs_by_priority_then_seq_whatever_order_they_arrive_in(ops):
+), st.integers(1, 5))
+def test_a_line_gives_jobs_by_priority_then_seq_whatever_order_they_arrive_in(ops, drain_by):
     """Out-of-order pushes (the late heap), batches (a restore), cancelled entries, twins pushed
-    again, and fresh copies of a job (read back from the store) beside a stale entry of it."""
+    again, and fresh copies of a job (read back from the store) beside a stale entry of it;
+    taken one by one (front, pop_front) or in runs (take, as the pump does for one line)."""
     line = _Line()
     jobs: dict[int, Job] = {}
     queued: set[int] = set()
@@ -503,10 +504,20 @@ def test_a_line_gives_jobs_by_priority_then_seq_whatever_order_they_arrive_in(op
                 found[0].pop_front()
                 found[1].state = JobState.RUNNING
                 queued.discard(found[1].seq)
+        elif op == "take":
+            n = priority
+            expected = sorted(queued, key=lambda s: (jobs[s].priority, s))[:n]
+            out: list[Job] = []
+            assert line.take(n, out) == len(expected)
+            assert [j.seq for j in out] == expected
+            assert all(j is jobs[j.seq] and j.state is JobState.RUNNING for j in out)
+            queued.difference_update(expected)
     drained = []
-    while (found := line.front()) is not None:
-        found[0].pop_front()
-        found[1].state = JobState.RUNNING
-        drained.append(found[1].seq)
+    while True:
+        out = []
+        line.take(drain_by, out)
+        if not out:
+            break
+        drained.extend(j.seq for j in out)
     assert drained == sorted(queued, key=lambda s: (jobs[s].priority, s))
     assert line.front() is None and not line.active

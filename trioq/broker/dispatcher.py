@@ -86,6 +86,7 @@ class WorkerSlot:
 
 
 _QUEUED = JobState.QUEUED
+_RUNNING = JobState.RUNNING
 
 
 class _Lane:
@@ -135,6 +136,30 @@ class _Lane:
             return fifo[0]
         return late[0][2] if late else None
 
+    def take(self, n: int, out: list[Job]) -> int:
+        """Up to n jobs from the front into ``out``, each marked RUNNING as it is taken (so a
+        stale twin further back is skipped); fewer than n means the lane is empty."""
+        fifo = self.fifo
+        taken = 0
+        if not self.late:  # the common case: one seq-ordered deque, popped in a run
+            popleft = fifo.popleft
+            while taken < n and fifo:
+                job = popleft()
+                if job.state is _QUEUED:
+                    job.state = _RUNNING
+                    out.append(job)
+                    taken += 1
+            return taken
+        while taken < n:
+            job = self.front()
+            if job is None:
+                break
+            self.pop_front()
+            job.state = _RUNNING
+            out.append(job)
+            taken += 1
+        return taken
+
     def pop_front(self) -> None:
         """Remove the job ``front()`` returned last."""
         fifo = self.fifo
@@ -180,6 +205,18 @@ class _Line:
         for priority, same in per.items():
             same.sort(key=_by_seq)  # the store reads in seq order: a merge of sorted runs
             self._lane(priority).extend(same)
+
+    def take(self, n: int, out: list[Job]) -> int:
+        """Up to n jobs in dispatch order into ``out``, marked RUNNING; returns how many."""
+        active = self.active
+        lanes = self.lanes
+        taken = 0
+        while active and taken < n:
+            got = lanes[active[0]].take(n - taken, out)
+            taken += got
+            if taken < n:  # that lane ran dry
+                del lanes[active.pop(0)]
+        return taken
 
     def front(self) -> tuple[_Lane, Job] | None:
         """The next job to dispatch and its lane, or None."""
@@ -447,6 +484,15 @@ class Dispatcher:
             best_lane.pop_front()
         return best
 
+    def _pop_each(self, keys: list[tuple[str, str]], credit: int, batch: list[Job]) -> None:
+        """The best jobs of several lines, one at a time, into ``batch``, marked RUNNING."""
+        for _ in range(credit):
+            job = self._pop_best(keys)
+            if job is None:
+                return
+            job.state = _RUNNING
+            batch.append(job)
+
     def pump(self) -> int:
         """Give queued jobs to workers with credit; returns how many went out."""
         if not self.n_queued or not self._rotation:
@@ -465,17 +511,17 @@ class Dispatcher:
                 continue
             batch: list[Job] = []
             held = slot.held
-            for _ in range(slot.credit):
-                job = self._pop_best(keys)
-                if job is None:
-                    break
-                job.state = JobState.RUNNING
+            if len(keys) == 1:  # one line to take from: in a run, not job by job
+                self._lines[keys[0]].take(slot.credit, batch)
+            else:
+                self._pop_each(keys, slot.credit, batch)
+            name = slot.name
+            for job in batch:
                 job.attempts += 1
-                job.worker = slot.name
+                job.worker = name
                 job.started_at = now
                 job.progress = None
                 held[job.id] = job
-                batch.append(job)
             if batch:
                 n = len(batch)
                 self.n_queued -= n
