@@ -6,7 +6,7 @@ import gc
 
 from click.testing import CliRunner
 
-from trioq.broker.collector import BROKER_THRESHOLDS, freeze_loaded, tune_collector
+from trioq.broker.collector import BROKER_THRESHOLDS, tune_collector
 from trioq.cli import main
 
 
@@ -19,19 +19,6 @@ def test_tuning_makes_collections_rarer_and_returns_what_it_replaced():
         assert young >= 10 * 700 and old >= 10  # far rarer young and full collections than CPython's
     finally:
         gc.set_threshold(*before)
-
-
-def test_what_is_loaded_at_start_leaves_the_collectors_scans():
-    loaded = [[i] for i in range(5_000)]  # stands in for recovered jobs
-    assert gc.is_tracked(loaded[0])
-    try:
-        frozen = freeze_loaded()
-        assert frozen == gc.get_freeze_count() >= len(loaded)
-        gen_sizes = gc.get_count()
-        assert gen_sizes[0] < len(loaded)  # not waiting in the young generation any more
-    finally:
-        gc.unfreeze()
-    assert gc.get_freeze_count() == 0
 
 
 def test_the_switch_is_a_flag_and_bad_values_are_refused():

@@ -172,13 +172,13 @@ def main() -> None:
 @click.option("--http-token", default=None, envvar="TRIOQ_HTTP_TOKEN", help="Bearer token for mutating API calls [default: generated, kept in CERTS_DIR/http-token].")
 @click.option("--http-tls", is_flag=True, envvar="TRIOQ_HTTP_TLS", help="Serve the API over HTTPS with the broker's certificate.")
 @click.option("--gc-tuning/--no-gc-tuning", default=True, envvar="TRIOQ_GC_TUNING", show_default=True,
-              help="Rarer garbage collections, and none over jobs loaded at start: the broker holds every unfinished job.")
+              help="Rarer garbage collections: the broker holds every unfinished job in memory.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", envvar="TRIOQ_LOG_LEVEL", show_default=True)
 def broker(**o: Any) -> None:
     """Run the broker (and, with --workers N, N supervised local workers)."""
     setup_logging(o["log_level"])
     from .broker.auth import Authenticator, AuthFileError, Credential, hash_token, new_token
-    from .broker.collector import freeze_loaded, tune_collector
+    from .broker.collector import tune_collector
     from .broker.config import BrokerConfig
     from .broker.server import Broker
     from .tls import ensure_certs, server_context
@@ -229,8 +229,6 @@ def broker(**o: Any) -> None:
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(b.serve)
-            if o["gc_tuning"]:
-                log.debug("%d objects loaded at start kept out of garbage collection", freeze_loaded())
             if o["workers"]:
                 from .broker.supervisor import supervise_workers
 

@@ -4,9 +4,9 @@ CPython's cyclic collector scans every tracked object in a full collection, and 
 that keeps growing (a producer enqueuing) keeps crossing the threshold for one: in the
 enqueue benchmark full collections of the jobs in memory took a quarter of the broker's
 time. Jobs and the messages about them are freed by reference counting (they hold no
-cycles), so the collector has little to find: collections are made rarer (a larger
-young generation, far fewer full collections), and what a restart loads back is moved
-out of the collector's sight (``gc.freeze``).
+cycles), so the collector has little to find and is made to look less often: a larger
+young generation and far fewer full collections. (What a restart loads is frozen out
+of the scans by ``Broker.start_core`` itself.)
 
 Only ``trioq broker`` applies this; a program that embeds ``Broker`` keeps its own settings.
 """
@@ -24,9 +24,3 @@ def tune_collector() -> tuple[int, int, int]:
     before = gc.get_threshold()
     gc.set_threshold(*BROKER_THRESHOLDS)
     return before  # type: ignore[return-value]
-
-
-def freeze_loaded() -> int:
-    """Once the broker serves: what recovery loaded is no longer scanned; returns how many objects."""
-    gc.freeze()
-    return gc.get_freeze_count()
