@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from functools import partial
 
 import attrs
 import pytest
@@ -653,5 +654,61 @@ async def test_a_writes_committed_callback_runs_after_its_commit_and_never_after
         with pytest.raises(StoreError):  # the same seq again: the insert fails
             await writer.write([make_job(1, store)], new=True, committed=lambda: seen.append(("again", 0)))
         assert seen == [(job.id, 1)]
+        nursery.cancel_scope.cancel()
+    store.close_sync()
+
+
+def test_the_wal_is_checkpointed_from_the_threads_path_never_by_a_commit_on_the_loop(tmp_path):
+    """SQLite's own autocheckpoint ran in whichever commit crossed its threshold, an inline one
+    too: a 30 ms stall of the event loop. Now commit_nowait refuses once a checkpoint is due,
+    and commit_sync (in a thread) runs it."""
+    store = SQLiteStore(tmp_path / "wal.db")
+    store.checkpoint_commits = 5
+    store.open_sync()
+    assert store._w.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    jobs = iter(make_job(s, store) for s in range(1, 100))
+    inline = [store.commit_nowait([store.insert_row(next(jobs))], []) for _ in range(6)]
+    assert inline == [True] * 5 + [False]  # the sixth would have to checkpoint
+    assert store.checkpoints == 0
+    store.commit_sync([store.insert_row(next(jobs))], [])
+    assert store.checkpoints == 1
+    assert store.commit_nowait([store.insert_row(next(jobs))], [])  # counting starts again
+    # and the checkpoint did its work: the WAL's frames are in the database file
+    busy, log_frames, done = store._w.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and done == log_frames
+    assert len(store.list_sync(limit=100).jobs) == 7
+    store.close_sync()
+
+
+def test_a_small_commit_of_large_values_still_takes_a_thread(tmp_path):
+    store = SQLiteStore(tmp_path / "big.db")
+    store.open_sync()
+    big = make_job(1, store, payload={"blob": "x" * (store.inline_max_bytes + 1)})
+    assert not store.commit_nowait([store.insert_row(big)], [])
+    assert store.list_sync().jobs == []
+    store.commit_sync([store.insert_row(big)], [])
+    assert store.get_sync(big.id).payload == big.payload
+    store.close_sync()
+
+
+async def test_a_failing_commit_callback_leaves_the_writer_and_the_batchs_other_callers_unharmed(tmp_path):
+    store = SQLiteStore(tmp_path / "cbfail.db")
+    store.open_sync()
+    writer = StoreWriter(store)
+    calls: list[str] = []
+
+    def boom() -> None:
+        calls.append("boom")
+        raise RuntimeError("a callback bug")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        a, b = make_job(1, store), make_job(2, store)
+        async with trio.open_nursery() as both:  # both in one batch
+            both.start_soon(partial(writer.write, [a], new=True, committed=boom))
+            both.start_soon(partial(writer.write, [b], new=True, committed=lambda: calls.append("b")))
+        assert sorted(calls) == ["b", "boom"]
+        await writer.write([make_job(3, store)], new=True)  # the writer still runs
+        assert len(store.list_sync().jobs) == 3
         nursery.cancel_scope.cancel()
     store.close_sync()

@@ -7,7 +7,10 @@ waited in line never starts.
 
 from __future__ import annotations
 
+import contextvars
+
 import trio
+import trio.testing
 
 import trioq
 from trioq.job import JobState
@@ -17,8 +20,8 @@ from trioq.worker.registry import Registry
 from .conftest import memory_broker, memory_connect
 
 
-async def run_all(nursery, reg: Registry, specs, concurrency: int) -> list[trioq.Job]:
-    broker = memory_broker()
+async def run_all(nursery, reg: Registry, specs, concurrency: int, **broker_config) -> list[trioq.Job]:
+    broker = memory_broker(**broker_config)
     await broker.start_core(nursery)
     worker = trioq.Worker(connect=memory_connect(broker, nursery), registry=reg, name="w", concurrency=concurrency)
     await nursery.start(worker.run)
@@ -96,3 +99,105 @@ async def test_a_job_aborted_or_handed_back_while_in_line_never_starts():
     assert len(conn.sent) == 1
     assert ran == []
     assert worker._running == {}
+
+
+async def test_a_job_that_outlives_its_lease_does_not_hold_up_the_jobs_sent_in_its_place(nursery, autojump_clock):
+    """The broker counts a job past its lease as gone and sends more: they must start, not
+    wait in line behind it until their own leases run out and they die of worker losses."""
+
+    async def stubborn() -> None:
+        with trio.CancelScope(shield=True):  # a cleanup that must not be interrupted
+            await trio.sleep(30)
+
+    async def quick(i: int) -> int:
+        return i
+
+    reg = Registry()
+    reg.register_task("stubborn", stubborn)
+    reg.register_task("quick", quick)
+    specs = [trioq.JobSpec("stubborn", timeout=1)] + [trioq.JobSpec("quick", {"i": i}, timeout=1) for i in range(3)]
+    stuck, *quick_jobs = await run_all(nursery, reg, specs, concurrency=1)
+    assert [(j.state, j.result, j.worker_losses) for j in quick_jobs] == [(JobState.COMPLETED, i, 0) for i in range(3)]
+    assert all(j.finished_at < 30 for j in quick_jobs)
+    assert stuck.state is JobState.DEAD and stuck.dead_reason == "worker_lost"
+
+
+async def test_an_attempt_that_ends_after_its_successor_arrived_leaves_the_successor_alone(nursery, autojump_clock):
+    runs: list[tuple[str, int]] = []
+
+    async def slow_first(ctx) -> int:
+        runs.append(("start", ctx.attempt))
+        if ctx.attempt == 1:
+            with trio.CancelScope(shield=True):  # outlives its lease: attempt 2 arrives meanwhile
+                await trio.sleep(2.5)
+        runs.append(("end", ctx.attempt))
+        return ctx.attempt
+
+    reg = Registry()
+    reg.register_task("slow_first", slow_first)
+    (job,) = await run_all(nursery, reg, [trioq.JobSpec("slow_first", timeout=1)], concurrency=1)
+    assert (job.state, job.result, job.attempts, job.worker_losses) == (JobState.COMPLETED, 2, 2, 1)
+    assert ("start", 2) in runs and ("start", 3) not in runs
+
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+async def test_context_variables_set_by_one_job_are_not_seen_by_the_next(nursery):
+    seen: list[tuple[int, str | None]] = []
+
+    async def tagged(i: int) -> int:
+        seen.append((i, request_id.get()))
+        request_id.set(f"job-{i}")  # a job binds a logging context and never resets it
+        return i
+
+    reg = Registry()
+    reg.register_task("tagged", tagged)
+    jobs = await run_all(nursery, reg, [trioq.JobSpec("tagged", {"i": i}) for i in range(6)], concurrency=4)
+    assert [j.result for j in jobs] == list(range(6))
+    assert sorted(seen) == [(i, None) for i in range(6)]
+
+
+async def test_after_a_reconnect_a_stop_does_not_wait_for_jobs_the_old_session_held(nursery, autojump_clock):
+    started = trio.Event()
+    reconnecting = trio.Event()
+
+    async def forever() -> None:
+        started.set()
+        await trio.sleep(1000)
+
+    reg = Registry()
+    reg.register_task("forever", forever)
+    broker = memory_broker(max_worker_losses=1)
+    await broker.start_core(nursery)
+    dropped: list[trio.abc.Stream] = []
+
+    async def connect() -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(broker.serve_connection, server, "memory")
+        dropped.append(server)
+        if len(dropped) == 2:
+            reconnecting.set()  # the first session is over by now
+        return client
+
+    worker = trioq.Worker(connect=connect, registry=reg, name="w", concurrency=2, grace=30)
+    ended = trio.Event()
+
+    async def run_worker() -> None:
+        await worker.run()
+        ended.set()
+
+    nursery.start_soon(run_worker)
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        (jid,) = await c.submit_many([trioq.JobSpec("forever")])
+        await started.wait()
+        assert worker.statistics().running == 1
+        await dropped[0].aclose()  # the broker's side of the worker's first session goes away
+        await reconnecting.wait()
+        assert worker.statistics().running == 0
+        assert (await c.result(jid, timeout=10)).state is JobState.DEAD  # lost with the session
+        t0 = trio.current_time()
+        worker.request_stop()
+        with trio.fail_after(60):
+            await ended.wait()
+        assert trio.current_time() - t0 < 5  # not the 30 s grace

@@ -169,6 +169,11 @@ class _FreshRows:
         )
 
 
+def _text_bytes(rows: Sequence[tuple]) -> int:
+    """About how many bytes of text and blobs the rows carry."""
+    return sum(len(v) for r in rows for v in r if type(v) is bytes or type(v) is str)
+
+
 class SQLiteStore(Store):
     inline = False
     #: Batches of at least this many rows are written as one JSON value (_json_batch).
@@ -177,6 +182,12 @@ class SQLiteStore(Store):
     #: been taking no longer than inline_max_seconds (a moving average).
     inline_max_rows = 16
     inline_max_seconds = 0.002
+    #: ... and whose text and blobs come to no more than this.
+    inline_max_bytes = 256 * 1024
+    #: The WAL is checkpointed (from a thread) after this many commits or rows, whichever
+    #: comes first: about what SQLite's default of 4,000 pages held.
+    checkpoint_commits = 1_000
+    checkpoint_rows = 40_000
     durable = True
 
     def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
@@ -191,6 +202,9 @@ class SQLiteStore(Store):
         self._read_lock = threading.Lock()
         self._wlock = threading.Lock()  # the write connection is used from worker threads
         self._small_commit_seconds = 0.0
+        self._unchecked_commits = 0
+        self._unchecked_rows = 0
+        self.checkpoints = 0
         cols = ", ".join(_COLUMNS)
         marks = ", ".join("?" * len(_COLUMNS))
         updates = ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS if c not in _IMMUTABLE)
@@ -239,7 +253,9 @@ class SQLiteStore(Store):
                 # SQLite gives the -wal and -shm files the same mode as the database.
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
         w = self._w = self._connect()
-        w.execute("PRAGMA wal_autocheckpoint=4000")
+        # Checkpoints are run by _note_writes, from a thread: left to SQLite, the commit that
+        # crossed the threshold ran one, and that could be a small commit on the event loop.
+        w.execute("PRAGMA wal_autocheckpoint=0")
         self._migrate(w)
         self.job_ids = JobIds(self._id_key(w))
         (legacy,) = w.execute("SELECT value FROM meta WHERE key='legacy_id_max_seq'").fetchone() or (0,)
@@ -375,6 +391,21 @@ class SQLiteStore(Store):
     def commit_sync(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> None:
         with self._wlock:
             self._commit_locked(inserts, updates, tasks)
+            self._note_writes(len(inserts) + len(updates))
+
+    def _note_writes(self, rows: int, *, may_checkpoint: bool = True) -> None:
+        """Count what went into the WAL since its last checkpoint; run one when due (never on
+        the event loop: commit_nowait passes may_checkpoint=False and refuses while one is due)."""
+        self._unchecked_commits += 1
+        self._unchecked_rows += rows
+        if may_checkpoint and self._checkpoint_due():
+            assert self._w is not None
+            self._w.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._unchecked_commits = self._unchecked_rows = 0
+            self.checkpoints += 1
+
+    def _checkpoint_due(self) -> bool:
+        return self._unchecked_commits >= self.checkpoint_commits or self._unchecked_rows >= self.checkpoint_rows
 
     def commit_nowait(self, inserts: Sequence[tuple], updates: Sequence[tuple], tasks: Sequence[str] = ()) -> bool:
         """A small commit runs on the event loop while small commits are quick here.
@@ -384,12 +415,18 @@ class SQLiteStore(Store):
         most of an idle job's latency. A slow disk, or a purge holding the write
         connection, sends every commit back to a thread.
         """
-        if len(inserts) + len(updates) > self.inline_max_rows or self._small_commit_seconds > self.inline_max_seconds:
+        if (
+            len(inserts) + len(updates) > self.inline_max_rows
+            or self._small_commit_seconds > self.inline_max_seconds
+            or self._checkpoint_due()
+            or _text_bytes(inserts) + _text_bytes(updates) > self.inline_max_bytes
+        ):
             return False
         if not self._wlock.acquire(blocking=False):
             return False
         try:
             self._commit_locked(inserts, updates, tasks)
+            self._note_writes(len(inserts) + len(updates), may_checkpoint=False)
         finally:
             self._wlock.release()
         return True
@@ -453,6 +490,7 @@ class SQLiteStore(Store):
                 if w.in_transaction:
                     w.execute("ROLLBACK")
                 raise
+            self._note_writes(len(rows))
 
     def set_paused_sync(self, queue: str, paused: bool) -> None:
         w = self._w
@@ -481,6 +519,7 @@ class SQLiteStore(Store):
                 "AND state IN (?, ?, ?) LIMIT ?)",
                 (finished_before, *TERMINAL, limit),
             )
+            self._note_writes(cur.rowcount)
             return cur.rowcount
 
     # --- reads ----------------------------------------------------------------------

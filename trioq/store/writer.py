@@ -205,6 +205,9 @@ class StoreWriter:
             cb(states)
         for req in batch:
             if req.committed is not None:
-                req.committed()
+                try:
+                    req.committed()
+                except Exception:  # one caller's callback must not strand the batch's others
+                    log.exception("a commit callback failed")
             if req.done is not None:
                 req.done.set()

@@ -16,9 +16,11 @@ import socket
 import ssl
 import threading
 import traceback
+import types
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine, Generator
+from contextvars import Context, copy_context
+from typing import Any, TypeVar
 
 import attrs
 import orjson
@@ -49,6 +51,8 @@ from .builtin import register_builtins
 from .registry import Fatal, Registry, default_registry
 
 log = logging.getLogger("trioq.worker")
+
+T = TypeVar("T")
 
 #: Jobs a runner runs in a row before it lets the event loop turn (and their results go).
 RUNNER_BATCH = 64
@@ -85,14 +89,37 @@ class WorkerStatistics:
     reconnects: int
 
 
+@types.coroutine
+def _in_context(ctx: Context, coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
+    """Await ``coro`` with every step of it run inside ``ctx``."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            if error is None:
+                trap = ctx.run(coro.send, send)
+            else:
+                trap, error = ctx.run(coro.throw, error), None
+        except StopIteration as stop:
+            return stop.value
+        try:
+            send = yield trap
+        except BaseException as exc:  # thrown into this step by the scheduler: pass it on
+            error = exc
+
+
 class _JobRunners:
     """Long-lived tasks that run a session's jobs, instead of a new task per job.
 
     Spawning a task cost a quarter of a worker's time on short jobs. A runner takes
     jobs from the line one after another, so jobs that never block run back to back in
     one step of one task; before each job it makes sure one more runner is awake, so
-    the next job in line starts at once if this one blocks. Runners are made on demand,
-    never more than the concurrency, and die with the session's job nursery.
+    the next job in line starts at once if this one blocks. Runners are made on demand
+    and die with the session's job nursery. Their number is not capped here: the broker
+    bounds the jobs a worker holds, and a job that outlives its lease (it ignored its
+    cancellation) must not hold up the jobs sent in its place. Each job runs in its own
+    copy of the context, as it would in a task of its own: context variables set by one
+    job are not seen by the next.
     """
 
     def __init__(self, worker: Worker, conn: FramedConnection, nursery: trio.Nursery) -> None:
@@ -113,11 +140,9 @@ class _JobRunners:
             return
         if self._parked:
             self._parked.unpark()
-        elif self._count < self._worker.concurrency:
+        else:
             self._count += 1
             self._nursery.start_soon(self._run)
-        else:
-            return  # every runner is busy: the first one free takes the next job
         self._waking += 1
 
     async def _run(self) -> None:
@@ -131,7 +156,7 @@ class _JobRunners:
                 d, scope = line.popleft()
                 if line:
                     self._wake()
-                await run_job(conn, d, scope)
+                await _in_context(copy_context(), run_job(conn, d, scope))
                 done += 1
                 if done % RUNNER_BATCH == 0 and line:
                     # Let what finished so far go out, and the event loop breathe.
@@ -278,15 +303,22 @@ class Worker:
             nursery.start_soon(self._flusher, conn)
             if self._stop_requested:
                 conn.send_nowait(Drain())
-            async with trio.open_nursery() as jobs:
-                nursery.start_soon(self._stop_watch, jobs, conn)
-                try:
-                    await self._receive(conn, jobs)
-                except (ConnectionLost, ProtocolError) as exc:
-                    lost = exc
-                finally:
-                    # Anything still running can no longer report: its attempt is over.
-                    jobs.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as jobs:
+                    nursery.start_soon(self._stop_watch, jobs, conn)
+                    try:
+                        await self._receive(conn, jobs)
+                    except (ConnectionLost, ProtocolError) as exc:
+                        lost = exc
+                    finally:
+                        # Anything still running can no longer report: its attempt is over.
+                        jobs.cancel_scope.cancel()
+            finally:
+                # What the session held went with it (the broker requeues it): a stop after a
+                # reconnect must not wait its grace for jobs this worker no longer has.
+                self._running.clear()
+                if self._idle is not None:
+                    self._idle.set()
             nursery.cancel_scope.cancel()
         if lost is not None and not self._stop_requested:
             log.warning("worker %s: connection ended: %s", self.name, lost)
@@ -444,12 +476,14 @@ class Worker:
                 outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=False))
             except Exception as exc:
                 outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=True))
+        # Only this attempt's own entry is removed: a newer attempt of the job may be held now.
+        mine = self._running.get(d.id) is held
+        if mine:
+            del self._running[d.id]
         if outcome is None:  # cancelled (aborted by the broker, or the worker is stopping)
-            if self._running.pop(d.id, None) is None:
-                return  # already handed back
+            if not mine:
+                return  # already handed back, or superseded
             outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo("Cancelled", "the job was cancelled", "", False))
-        else:
-            self._running.pop(d.id, None)
         if not self._running and self._idle is not None:
             self._idle.set()
         if outcome.ok:
