@@ -90,10 +90,15 @@ class WorkerStatistics:
 
 
 @types.coroutine
-def _in_context(ctx: Context, coro: Coroutine[Any, Any, T]) -> Generator[Any, Any, T]:
-    """Await ``coro`` with every step of it run inside ``ctx``."""
+def _resume_in_context(ctx: Context, coro: Coroutine[Any, Any, T], trap: Any) -> Generator[Any, Any, T]:
+    """Go on awaiting ``coro``, whose first step (inside ``ctx``) yielded ``trap``, with every
+    further step of it run inside ``ctx`` too."""
     send: Any = None
     error: BaseException | None = None
+    try:
+        send = yield trap
+    except BaseException as exc:
+        error = exc
     while True:
         try:
             if error is None:
@@ -156,7 +161,16 @@ class _JobRunners:
                 d, scope = line.popleft()
                 if line:
                     self._wake()
-                await _in_context(copy_context(), run_job(conn, d, scope))
+                # In a copy of the context, as a task of its own would be; most jobs end
+                # in their first step, which is taken here without wrapping the coroutine.
+                ctx = copy_context()
+                coro = run_job(conn, d, scope)
+                try:
+                    trap = ctx.run(coro.send, None)
+                except StopIteration:
+                    pass
+                else:
+                    await _resume_in_context(ctx, coro, trap)
                 done += 1
                 if done % RUNNER_BATCH == 0 and line:
                     # Let what finished so far go out, and the event loop breathe.
