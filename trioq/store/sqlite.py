@@ -11,7 +11,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,24 @@ class _FreshRows:
         )
 
 
+@contextmanager
+def _transaction(w: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """BEGIN ... COMMIT, rolled back on any error (the connection is in autocommit mode)."""
+    w.execute(begin)
+    try:
+        yield
+        w.execute("COMMIT")
+    except BaseException:
+        if w.in_transaction:
+            w.execute("ROLLBACK")
+        raise
+
+
+def _add_tasks(w: sqlite3.Connection, tasks: Sequence[str]) -> None:
+    if tasks:
+        w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
+
+
 def _text_bytes(rows: Sequence[tuple]) -> int:
     """About how many bytes of text and blobs the rows carry."""
     return sum(len(v) for r in rows for v in r if type(v) is bytes or type(v) is str)
@@ -318,8 +337,7 @@ class SQLiteStore(Store):
                 f"{self.path} has schema version {current}; this trioq knows up to {SCHEMA_VERSION}"
             )
         for version in range(current + 1, SCHEMA_VERSION + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn, "BEGIN IMMEDIATE"):
                 for stmt in MIGRATIONS[version]:
                     if callable(stmt):
                         stmt(conn)
@@ -330,10 +348,6 @@ class SQLiteStore(Store):
                     "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                     (str(version),),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     def close_sync(self) -> None:
         for conn in {id(c): c for c in (self._r, self._w) if c is not None}.values():
@@ -436,8 +450,7 @@ class SQLiteStore(Store):
         assert w is not None, "store is not open"
         small = len(inserts) + len(updates) <= self.inline_max_rows
         started = time.perf_counter() if small else 0.0
-        w.execute("BEGIN")
-        try:
+        with _transaction(w):
             if inserts:
                 n_new = len(_NEW_COLUMNS)
                 fresh = [r for r in inserts if len(r) == n_new]
@@ -452,13 +465,7 @@ class SQLiteStore(Store):
                     self._write_many(w, self._update_first, self._update_first_json, first)
                 if len(first) < len(updates):
                     w.executemany(self._update, [r for r in updates if len(r) != n_first])
-            if tasks:
-                w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
-            w.execute("COMMIT")
-        except BaseException:
-            if w.in_transaction:
-                w.execute("ROLLBACK")
-            raise
+            _add_tasks(w, tasks)
         if small:
             # Recent small commits, whichever thread ran them: what one would cost the loop now.
             self._small_commit_seconds += (time.perf_counter() - started - self._small_commit_seconds) / 8
@@ -480,16 +487,9 @@ class SQLiteStore(Store):
         w = self._w
         assert w is not None, "store is not open"
         with self._wlock:
-            w.execute("BEGIN")
-            try:
+            with _transaction(w):
                 w.executemany(self._upsert, rows)
-                if tasks:
-                    w.executemany("INSERT OR IGNORE INTO tasks(name) VALUES (?)", [(t,) for t in tasks])
-                w.execute("COMMIT")
-            except BaseException:
-                if w.in_transaction:
-                    w.execute("ROLLBACK")
-                raise
+                _add_tasks(w, tasks)
             self._note_writes(len(rows))
 
     def set_paused_sync(self, queue: str, paused: bool) -> None:
