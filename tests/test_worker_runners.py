@@ -8,13 +8,16 @@ waited in line never starts.
 from __future__ import annotations
 
 import contextvars
+import threading
 
+import pytest
 import trio
 import trio.testing
 
 import trioq
 from trioq.job import JobState
 from trioq.protocol.messages import Delivery, Result
+from trioq.worker.builtin import register_builtins
 from trioq.worker.registry import Registry
 
 from .conftest import memory_broker, memory_connect
@@ -201,3 +204,22 @@ async def test_after_a_reconnect_a_stop_does_not_wait_for_jobs_the_old_session_h
         with trio.fail_after(60):
             await ended.wait()
         assert trio.current_time() - t0 < 5  # not the 30 s grace
+
+
+async def test_an_inline_sync_task_runs_on_the_event_loop_and_a_plain_one_in_a_thread(nursery):
+    reg = Registry()
+    reg.register_task("here", lambda: threading.get_ident(), inline=True)
+    reg.register_task("there", lambda: threading.get_ident())
+    here, there = await run_all(nursery, reg, [trioq.JobSpec("here"), trioq.JobSpec("there")], concurrency=2)
+    loop_thread = threading.get_ident()
+    assert (here.state, there.state) == (JobState.COMPLETED, JobState.COMPLETED)
+    assert here.result == loop_thread and there.result != loop_thread
+
+    async def coro() -> None:
+        pass
+
+    with pytest.raises(ValueError, match="inline is for sync functions"):
+        reg.register_task("bad", coro, inline=True)
+    builtins = Registry()
+    register_builtins(builtins)
+    assert {n for n in builtins.list_tasks() if builtins.get(n).inline} == {"reverse_string", "to_uppercase", "fibonacci"}

@@ -67,7 +67,12 @@ BUILTINS = {
 }
 
 
+#: Sync built-ins that return in at most a few milliseconds (fibonacci(10000) takes about 2 ms)
+#: run on the worker's loop; is_prime has no bound on n, so it keeps its thread.
+INLINE = frozenset({"reverse_string", "to_uppercase", "fibonacci"})
+
+
 def register_builtins(registry: Registry) -> None:
     for name, fn in BUILTINS.items():
         if name not in registry:
-            registry.register_task(name, fn)
+            registry.register_task(name, fn, inline=name in INLINE)

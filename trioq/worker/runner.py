@@ -468,6 +468,8 @@ class Worker:
                     )
                 if d.timeout is None and info.is_async:
                     value = await info.fn(*args, **kwargs)  # the common case, without extra scopes
+                elif info.inline:
+                    value = info.fn(*args, **kwargs)  # a quick sync function: no thread hand-off
                 else:
                     with trio.fail_after(d.timeout if d.timeout is not None else math.inf):
                         if info.is_async:
