@@ -312,7 +312,8 @@ def stress(producers: int = 100, jobs_each: int = 10, *, sync: str = "full", see
                 for _ in range(jobs_each):
                     task, make = rng.choice(STRESS_TASKS)
                     t = time.perf_counter()
-                    job = await client.result(await client.submit(task, make(rng), priority=rng.randint(1, 10)))
+                    # submit and wait in one round trip (a SUBMIT with wait), as an RPC-style caller would
+                    job = await client.run(task, make(rng), priority=rng.randint(1, 10))
                     latencies.append(time.perf_counter() - t)
                     if job.state is not trioq.JobState.COMPLETED:
                         failures += 1

@@ -38,6 +38,8 @@ async def test_submit_dispatch_execute_result_over_tls(nursery, certs):
         assert all(j.attempts == 1 and j.worker == worker.name for j in results)
         status = await c.status()
         assert status["jobs"]["completed"] == 4 and status["workers"]["total"] == 1
+        in_one_trip = await c.run("reverse_string", {"data": "abc"}, result_timeout=30)  # SUBMIT with wait
+        assert (in_one_trip.state, in_one_trip.result) == (JobState.COMPLETED, "cba")
     worker.request_stop()
 
 

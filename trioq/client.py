@@ -173,18 +173,36 @@ class Client:
         idempotency_key: str | None = None,
     ) -> str:
         """Submit one job; returns its id once the broker has committed it."""
-        spec = JobSpec(
-            task=task,
-            payload={} if payload is None else payload,
-            priority=priority,
-            queue=queue,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            idempotency_key=idempotency_key,
-        )
+        spec = JobSpec(task, {} if payload is None else payload, priority, queue, delay, run_at, max_attempts, timeout, idempotency_key)
         return (await self.submit_many([spec]))[0]
+
+    async def run(
+        self,
+        task: str,
+        payload: Any = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        queue: str = DEFAULT_QUEUE,
+        delay: float | None = None,
+        run_at: float | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the job's run limit, not this call's
+        idempotency_key: str | None = None,
+        result_timeout: float | None = None,
+    ) -> Job:
+        """Submit one job and wait until it is final: ``result(submit(...))`` in one round trip
+        (a SUBMIT with ``wait``) where the broker offers it. TimeoutError after ``result_timeout``;
+        the job, already accepted by then, still runs."""
+        spec = JobSpec(task, {} if payload is None else payload, priority, queue, delay, run_at, max_attempts, timeout, idempotency_key)
+        if self.welcome is None or not self.welcome.submit_wait:
+            return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)
+        try:
+            with trio.fail_after(math.inf if result_timeout is None else result_timeout):
+                reply = await self._request(Submit(next(self._ids), [spec], wait=True))
+        except trio.TooSlowError:
+            raise TimeoutError(f"job {task!r} did not finish within {result_timeout}s") from None
+        assert isinstance(reply, JobReply)
+        return reply.job
 
     async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
         """Submit a batch in as few frames as the broker's batch limit allows."""

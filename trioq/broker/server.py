@@ -401,6 +401,7 @@ class Broker:
                 heartbeat_timeout=cfg.heartbeat_timeout,
                 max_frame=cfg.max_frame,
                 max_batch=cfg.max_batch,
+                submit_wait=True,
             )
         )
         if hello.role == "worker":

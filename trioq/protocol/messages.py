@@ -75,6 +75,8 @@ class Welcome(Message):
     heartbeat_timeout: float
     max_frame: int
     max_batch: int
+    #: the broker answers a SUBMIT with ``wait`` (older brokers do not say so, and do not)
+    submit_wait: bool = False
 
 
 @message("error")
@@ -97,6 +99,8 @@ class Heartbeat(Message):
 class Submit(Message):
     req: int
     jobs: list[JobSpec]
+    #: one job, answered with its final state (JOB) instead of an ACK: submit and wait in one trip
+    wait: bool = False
 
 
 @message("ack")
@@ -360,7 +364,10 @@ def _structure_submit(d: dict, _: Any) -> Submit:
         for i, j in enumerate(jobs):  # again, to name the job: errors are rare, paths per job are not free
             _structure_jobspec(j, f"$.jobs[{i}]")
         raise
-    return Submit(_int(d, "req", "$"), specs)
+    wait = d.get("wait", False)
+    if type(wait) is not bool:
+        raise FieldError("invalid value for type, expected a bool @ $.wait")
+    return Submit(_int(d, "req", "$"), specs, wait)
 
 
 def _unstructure_jobspec(j: JobSpec) -> dict:
@@ -380,7 +387,10 @@ def _unstructure_jobspec(j: JobSpec) -> dict:
 
 
 def _unstructure_submit(m: Submit) -> dict:
-    return {"req": m.req, "jobs": [_unstructure_jobspec(j) for j in m.jobs]}
+    d = {"req": m.req, "jobs": [_unstructure_jobspec(j) for j in m.jobs]}
+    if m.wait:
+        d["wait"] = True
+    return d
 
 
 def _structure_ack(d: dict, _: Any) -> Ack:
