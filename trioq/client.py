@@ -176,24 +176,12 @@ class Client:
         spec = JobSpec(task, {} if payload is None else payload, priority, queue, delay, run_at, max_attempts, timeout, idempotency_key)
         return (await self.submit_many([spec]))[0]
 
-    async def run(
-        self,
-        task: str,
-        payload: Any = None,
-        *,
-        priority: int = DEFAULT_PRIORITY,
-        queue: str = DEFAULT_QUEUE,
-        delay: float | None = None,
-        run_at: float | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - the job's run limit, not this call's
-        idempotency_key: str | None = None,
-        result_timeout: float | None = None,
-    ) -> Job:
+    async def run(self, task: str, payload: Any = None, *, result_timeout: float | None = None, **options: Any) -> Job:
         """Submit one job and wait until it is final: ``result(submit(...))`` in one round trip
         (a SUBMIT with ``wait``) where the broker offers it. TimeoutError after ``result_timeout``;
-        the job, already accepted by then, still runs."""
-        spec = JobSpec(task, {} if payload is None else payload, priority, queue, delay, run_at, max_attempts, timeout, idempotency_key)
+        the job, already accepted by then, still runs. ``options`` are ``submit``'s (priority,
+        queue, delay, run_at, max_attempts, timeout, idempotency_key)."""
+        spec = JobSpec(task, {} if payload is None else payload, **options)
         if self.welcome is None or not self.welcome.submit_wait:
             return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)
         try:
