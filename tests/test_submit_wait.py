@@ -86,3 +86,13 @@ def test_wait_is_left_out_unless_asked_for_and_must_be_a_boolean():
     with pytest.raises(ProtocolError) as bad:
         decode(b'{"t":"submit","req":1,"jobs":[{"task":"noop"}],"wait":1}')
     assert bad.value.code == ErrorCode.INVALID_FIELD and "$.wait" in str(bad.value)
+
+
+async def test_every_way_out_of_a_waiting_submit_gives_its_wait_back(nursery):
+    broker = await start(nursery, max_waits=1)
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        assert (await c.run("noop")).state is JobState.COMPLETED
+        assert (await c.run("noop")).state is JobState.COMPLETED  # the first one's wait was given back
+        with pytest.raises(RemoteError):  # refused by broker.submit after taking its wait (priority 99)
+            await c._request(Submit(998, [JobSpec("noop", priority=99)], wait=True))
+        assert (await c.run("to_uppercase", {"data": "x"})).result == "X"

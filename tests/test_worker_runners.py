@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 
 import pytest
 import trio
@@ -223,3 +224,25 @@ async def test_an_inline_sync_task_runs_on_the_event_loop_and_a_plain_one_in_a_t
     builtins = Registry()
     register_builtins(builtins)
     assert {n for n in builtins.list_tasks() if builtins.get(n).inline} == {"reverse_string", "to_uppercase", "fibonacci"}
+
+
+async def test_an_inline_task_with_a_timeout_takes_a_thread_so_the_timeout_holds(nursery, autojump_clock):
+    reg = Registry()
+    reg.register_task("sleepy", lambda: time.sleep(0.3), inline=True)
+    (job,) = await run_all(nursery, reg, [trioq.JobSpec("sleepy", timeout=0.1, max_attempts=1)], concurrency=1)
+    assert (job.state, job.error.type, job.worker_losses) == (JobState.DEAD, "TimeoutError", 0)
+
+
+async def test_a_tooslowerror_of_the_tasks_own_is_its_failure_not_the_workers(nursery, autojump_clock):
+    async def own_deadline() -> None:
+        with trio.fail_after(1):
+            await trio.sleep(5)
+
+    reg = Registry()
+    reg.register_task("own_deadline", own_deadline)
+    reg.register_task("quick", lambda: 7, inline=True)
+    failed, ok = await run_all(
+        nursery, reg, [trioq.JobSpec("own_deadline", max_attempts=1), trioq.JobSpec("quick")], concurrency=2,
+    )
+    assert (failed.state, failed.error.type, failed.worker_losses) == (JobState.DEAD, "TooSlowError", 0)
+    assert (ok.state, ok.result) == (JobState.COMPLETED, 7)

@@ -152,8 +152,9 @@ class Client:
         finally:
             self._pending.pop(req, None)
         if isinstance(reply, Error):
-            if reply.code == "unknown_job":
-                raise JobNotFound(getattr(msg, "id", "?"))
+            job_id = getattr(msg, "id", None)
+            if reply.code == "unknown_job" and job_id is not None:
+                raise JobNotFound(job_id)
             raise RemoteError(reply.code, reply.message)
         return reply
 
@@ -178,9 +179,13 @@ class Client:
 
     async def run(self, task: str, payload: Any = None, *, result_timeout: float | None = None, **options: Any) -> Job:
         """Submit one job and wait until it is final: ``result(submit(...))`` in one round trip
-        (a SUBMIT with ``wait``) where the broker offers it. TimeoutError after ``result_timeout``;
-        the job, already accepted by then, still runs. ``options`` are ``submit``'s (priority,
-        queue, delay, run_at, max_attempts, timeout, idempotency_key)."""
+        (a SUBMIT with ``wait``) where the broker offers it. ``options`` are ``submit``'s
+        (priority, queue, delay, run_at, max_attempts, timeout, idempotency_key).
+
+        The job's id comes only with its end: after a TimeoutError (``result_timeout``), a lost
+        connection or a cancel, the job may still run, unknown to the caller. Pass an
+        ``idempotency_key`` to find it again (submitting the key again returns the same job), or
+        use ``submit`` and ``result`` when the id is needed before the end."""
         spec = JobSpec(task, {} if payload is None else payload, **options)
         if self.welcome is None or not self.welcome.submit_wait:
             return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)

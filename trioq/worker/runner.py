@@ -468,8 +468,10 @@ class Worker:
                     )
                 if d.timeout is None and info.is_async:
                     value = await info.fn(*args, **kwargs)  # the common case, without extra scopes
-                elif info.inline:
-                    value = info.fn(*args, **kwargs)  # a quick sync function: no thread hand-off
+                elif info.inline and d.timeout is None:
+                    # A quick sync function: no thread hand-off. With a timeout it takes the
+                    # thread below, where the timeout can end the wait for it.
+                    value = info.fn(*args, **kwargs)
                 else:
                     with trio.fail_after(d.timeout if d.timeout is not None else math.inf):
                         if info.is_async:
@@ -485,9 +487,12 @@ class Worker:
                         f"{MAX_RESULT_BYTES}: store large results elsewhere and return a reference", "", False))
                 else:
                     outcome = Outcome(d.id, d.attempt, True, result)
-            except trio.TooSlowError:
-                outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
-                    "TimeoutError", f"task {d.task} ran longer than its timeout of {d.timeout:g}s", "", True))
+            except trio.TooSlowError as exc:
+                if d.timeout is None:  # the task's own fail_after, not the job's timeout
+                    outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=True))
+                else:
+                    outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
+                        "TimeoutError", f"task {d.task} ran longer than its timeout of {d.timeout:g}s", "", True))
             except Fatal as exc:
                 outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=False))
             except Exception as exc:
