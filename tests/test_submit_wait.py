@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import attrs
 import pytest
 import trio
@@ -96,3 +98,21 @@ async def test_every_way_out_of_a_waiting_submit_gives_its_wait_back(nursery):
         with pytest.raises(RemoteError):  # refused by broker.submit after taking its wait (priority 99)
             await c._request(Submit(998, [JobSpec("noop", priority=99)], wait=True))
         assert (await c.run("to_uppercase", {"data": "x"})).result == "X"
+
+
+async def test_waits_hold_no_request_slot_so_hundreds_of_them_never_stall_the_session(nursery, autojump_clock):
+    broker = memory_broker()  # no worker: every job stays queued, every wait stays open
+    await broker.start_core(nursery)
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        ids = await c.submit_many([JobSpec("noop") for _ in range(150)])
+        async with trio.open_nursery() as waiting:
+            for job_id in ids:
+                waiting.start_soon(c.result, job_id)  # WAIT
+            for _ in range(150):
+                waiting.start_soon(partial(c.run, "noop"))  # SUBMIT with wait
+            with trio.fail_after(5):  # the session serves 256 requests at once: these are 300 waits
+                while broker.dispatcher.submitted < 300:  # noqa: ASYNC110 - the runs reach the broker one by one
+                    await trio.sleep(0.01)
+                status = await c.status()
+            assert status["jobs"]["queued"] == 300
+            waiting.cancel_scope.cancel()

@@ -162,15 +162,22 @@ class ProducerSession(Session):
         if type(msg) in (RetryJob, DiscardJob, PauseQueue) and self.role != "admin" and not self.broker.auth.open:
             self.refuse(ErrorCode.FORBIDDEN, f"{msg.TYPE} needs the admin role", req)
             return
-        borrower = object()
         size = self.conn.last_size
+        if type(msg) is WaitJob:
+            # A wait may last hours and holds no request slot: 256 of them must not stall the
+            # session's other requests (max_waits bounds how many there are).
+            nursery.start_soon(self._serve, handler, msg, None, req, None, size)
+            return
+        borrower = object()
         try:  # no trip through the scheduler while the limiter has room
             limiter.acquire_on_behalf_of_nowait(borrower)
         except trio.WouldBlock:
             await limiter.acquire_on_behalf_of(borrower)
         nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size)
 
-    async def _serve(self, handler, msg: Message, limiter: trio.CapacityLimiter, req: int | None, borrower: object, size: int) -> None:
+    async def _serve(
+        self, handler, msg: Message, limiter: trio.CapacityLimiter | None, req: int | None, borrower: object, size: int,
+    ) -> None:
         try:
             try:
                 await handler(self, msg, size)
@@ -184,7 +191,8 @@ class ProducerSession(Session):
             self._fatal = exc
             self._nursery.cancel_scope.cancel()
         finally:
-            limiter.release_on_behalf_of(borrower)
+            if limiter is not None:
+                limiter.release_on_behalf_of(borrower)
 
     async def _submit(self, msg: Submit, size: int = 0) -> None:
         if msg.wait:
@@ -200,12 +208,11 @@ class ProducerSession(Session):
         self._take_wait()  # refused before anything is stored
         try:
             (job_id,), _ = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
-            job = await self.broker.wait_job(job_id, owner=self.reads_only_own)
-        finally:
+        except BaseException:
             self.waits -= 1
-        if job is None:  # an idempotency key matched a job this session may not read
-            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
-        self.conn.send_nowait(JobReply(msg.req, job))
+            raise
+        # The wait goes on in a task of its own, without this request's slot (see _dispatch).
+        self._nursery.start_soon(self._serve, ProducerSession._wait_taken, WaitJob(msg.req, job_id), None, msg.req, None, 0)
 
     def _take_wait(self) -> None:
         if self.waits >= self.broker.config.max_waits:
@@ -239,11 +246,15 @@ class ProducerSession(Session):
 
     async def _wait(self, msg: WaitJob, _size: int = 0) -> None:
         self._take_wait()
+        await self._wait_taken(msg)
+
+    async def _wait_taken(self, msg: WaitJob, _size: int = 0) -> None:
+        """Answer once the job is final; the wait was counted by whoever called."""
         try:
             job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
         finally:
             self.waits -= 1
-        if job is None:
+        if job is None:  # no such job, or (an idempotency key matched) one this session may not read
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))
 
