@@ -116,3 +116,14 @@ async def test_waits_hold_no_request_slot_so_hundreds_of_them_never_stall_the_se
                 status = await c.status()
             assert status["jobs"]["queued"] == 300
             waiting.cancel_scope.cancel()
+
+
+async def test_a_run_that_times_out_names_its_job_which_goes_on(nursery, autojump_clock):
+    broker = await start(nursery)
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        with pytest.raises(TimeoutError) as late:
+            await c.run("noop", queue="nobody-serves-this", result_timeout=5)
+        (job_id,) = [w for w in str(late.value).split() if len(w) == 16]
+        job = await c.get_job(job_id)
+        assert (job.state, job.queue) == (JobState.QUEUED, "nobody-serves-this")
+        assert broker.dispatcher.submitted == 1

@@ -75,6 +75,7 @@ class Client:
         self._timeout = timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, trio.MemorySendChannel[Message]] = {}
+        self._two_part: set[int] = set()  # requests answered by an ACK and then a JOB
         self._conn: FramedConnection | None = None
         self._closed: BaseException | None = None
         self._cm: Any = None
@@ -120,7 +121,12 @@ class Client:
                 msg = await conn.receive()
                 while msg is not None:
                     req = getattr(msg, "req", None)
-                    chan = self._pending.pop(req, None) if req is not None else None
+                    if req is None:
+                        chan = None
+                    elif type(msg) is Ack and req in self._two_part:
+                        chan = self._pending.get(req)  # the JOB follows: the request stays open
+                    else:
+                        chan = self._pending.pop(req, None)
                     if chan is not None:
                         chan.send_nowait(msg)
                     elif isinstance(msg, Error) and msg.fatal:
@@ -135,28 +141,42 @@ class Client:
         for chan in pending.values():
             chan.close()
 
-    async def _request(self, msg: Message) -> Message:
+    def _open(self, msg: Message, replies: int = 1) -> trio.MemoryReceiveChannel[Message]:
+        """Send a request; its replies (one, or an ACK and then a JOB) arrive on the channel."""
         if self._conn is None:
             raise TrioqError("use 'async with Client(...)' before sending requests")
         if self._closed is not None:
             raise ConnectionLost(f"connection to the broker is closed: {self._closed}")
-        send, recv = trio.open_memory_channel[Message](1)
+        send, recv = trio.open_memory_channel[Message](replies)
         req: int = msg.req  # type: ignore[attr-defined]
         self._pending[req] = send
+        if replies > 1:
+            self._two_part.add(req)
+        self._conn.send_nowait(msg)
+        return recv
+
+    async def _reply(self, recv: trio.MemoryReceiveChannel[Message], msg: Message) -> Message:
         try:
-            self._conn.send_nowait(msg)
-            try:
-                reply = await recv.receive()
-            except trio.EndOfChannel:
-                raise ConnectionLost(f"connection to the broker ended: {self._closed}") from None
-        finally:
-            self._pending.pop(req, None)
+            reply = await recv.receive()
+        except trio.EndOfChannel:
+            raise ConnectionLost(f"connection to the broker ended: {self._closed}") from None
         if isinstance(reply, Error):
             job_id = getattr(msg, "id", None)
             if reply.code == "unknown_job" and job_id is not None:
                 raise JobNotFound(job_id)
             raise RemoteError(reply.code, reply.message)
         return reply
+
+    def _close(self, msg: Message) -> None:
+        req: int = msg.req  # type: ignore[attr-defined]
+        self._pending.pop(req, None)
+        self._two_part.discard(req)
+
+    async def _request(self, msg: Message) -> Message:
+        try:
+            return await self._reply(self._open(msg), msg)
+        finally:
+            self._close(msg)
 
     # --- the API -------------------------------------------------------------------------------
 
@@ -182,18 +202,26 @@ class Client:
         (a SUBMIT with ``wait``) where the broker offers it. ``options`` are ``submit``'s
         (priority, queue, delay, run_at, max_attempts, timeout, idempotency_key).
 
-        The job's id comes only with its end: after a TimeoutError (``result_timeout``), a lost
-        connection or a cancel, the job may still run, unknown to the caller. Pass an
-        ``idempotency_key`` to find it again (submitting the key again returns the same job), or
-        use ``submit`` and ``result`` when the id is needed before the end."""
+        The broker answers with an ACK once the job is stored and a JOB once it is final, both
+        for this one request: a TimeoutError after the ACK names the job's id (the job goes on)."""
         spec = JobSpec(task, {} if payload is None else payload, **options)
         if self.welcome is None or not self.welcome.submit_wait:
             return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)
+        msg = Submit(next(self._ids), [spec], wait=True)
+        job_id = None
         try:
             with trio.fail_after(math.inf if result_timeout is None else result_timeout):
-                reply = await self._request(Submit(next(self._ids), [spec], wait=True))
+                recv = self._open(msg, replies=2)
+                ack = await self._reply(recv, msg)
+                assert isinstance(ack, Ack)
+                job_id = ack.ids[0]
+                reply = await self._reply(recv, msg)
         except trio.TooSlowError:
-            raise TimeoutError(f"job {task!r} did not finish within {result_timeout}s") from None
+            if job_id is None:
+                raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
+            raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
+        finally:
+            self._close(msg)
         assert isinstance(reply, JobReply)
         return reply.job
 

@@ -202,15 +202,17 @@ class ProducerSession(Session):
         self.conn.send_nowait(Ack(msg.req, ids, existing))
 
     async def _submit_and_wait(self, msg: Submit, size: int) -> None:
-        """One job, answered with its final state: two fewer messages than SUBMIT, ACK, WAIT."""
+        """One job: an ACK once it is stored, then its final state; a WAIT fewer than SUBMIT, WAIT."""
         if len(msg.jobs) != 1:
             raise RequestError(ErrorCode.INVALID_FIELD, "a SUBMIT with wait takes exactly one job @ $.jobs")
         self._take_wait()  # refused before anything is stored
         try:
-            (job_id,), _ = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
+            ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
         except BaseException:
             self.waits -= 1
             raise
+        self.conn.send_nowait(Ack(msg.req, ids, existing))  # the id, in case the caller gives up first
+        job_id = ids[0]
         # The wait goes on in a task of its own, without this request's slot (see _dispatch).
         self._nursery.start_soon(self._serve, ProducerSession._wait_taken, WaitJob(msg.req, job_id), None, msg.req, None, 0)
 
