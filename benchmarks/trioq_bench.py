@@ -249,26 +249,45 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
         }
 
 
-def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2) -> dict[str, Any]:
-    """Idle workers; one job at a time, submit to result."""
+def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: str = "submit") -> dict[str, Any]:
+    """Idle workers; one job at a time, submit to result.
+
+    ``api``: "submit" is ``submit`` then ``result`` (two requests), "run" is ``Client.run``
+    (one SUBMIT with wait). The CPU each process spent per job is reported beside the
+    percentiles: on an idle path, time not spent waiting for the disk is CPU somewhere.
+    """
+    if api not in LATENCY_APIS:
+        raise ValueError(f"api must be one of {LATENCY_APIS}")
     with cluster(workers=workers, concurrency=4, sync=sync) as c:
         c.start_broker()
+        assert c.broker is not None
         samples: list[float] = []
+        cpu: dict[str, float] = {}
 
         async def run() -> None:
             async with c.client() as client:
+                async def one() -> trioq.Job:
+                    if api == "run":
+                        return await client.run("noop", {})
+                    return await client.result(await client.submit("noop", {}))
+
                 c.start_workers()
                 with trio.fail_after(120):
                     # the broker is another process: poll its status, bounded by the deadline
                     while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
                         await trio.sleep(0.02)
                 for _ in range(50):  # warm-up
-                    await client.result(await client.submit("noop", {}))
+                    await one()
+                broker0, workers0, client0 = cpu_seconds(c.broker.pid), _workers_cpu(c), time.process_time()
                 for _ in range(n_jobs):
                     t = time.perf_counter()
-                    job = await client.result(await client.submit("noop", {}))
+                    job = await one()
                     samples.append(time.perf_counter() - t)
                     assert job.state is trioq.JobState.COMPLETED
+                cpu.update(
+                    broker=cpu_seconds(c.broker.pid) - broker0, workers=_workers_cpu(c) - workers0,
+                    client=time.process_time() - client0,
+                )
 
         trio.run(run)
     samples.sort()
@@ -278,13 +297,23 @@ def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2) -> dic
 
     return {
         "system": "trioq",
+        "api": api,
         "jobs": n_jobs,
         "p50_ms": pct(50),
         "p90_ms": pct(90),
         "p99_ms": pct(99),
         "max_ms": samples[-1] * 1000,
+        "mean_ms": sum(samples) / len(samples) * 1000,
+        **{f"{name}_cpu_ms": seconds / n_jobs * 1000 for name, seconds in cpu.items()},
         "durability": f"SQLite WAL synchronous={sync.upper()}, TLS 1.3",
     }
+
+
+LATENCY_APIS = ("submit", "run")
+
+
+def _workers_cpu(c: Cluster) -> float:
+    return sum(cpu_seconds(w.pid) for w in c.workers)
 
 
 STRESS_TASKS = [

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
-from benchmarks import trioq_bench
+import pytest
+
+from benchmarks import floor, trioq_bench
 
 
 def test_throughput_harness_counts_every_job_once():
@@ -20,10 +22,26 @@ def test_throughput_harness_counts_every_job_once():
     assert r["broker_cpu_per_1000"] > 0 and r["workers_cpu_per_1000"] > 0
 
 
-def test_latency_harness_reports_ordered_percentiles():
-    r = trioq_bench.latency(40)
-    assert r["jobs"] == 40
+@pytest.mark.parametrize("api", trioq_bench.LATENCY_APIS)
+def test_latency_harness_reports_ordered_percentiles(api):
+    r = trioq_bench.latency(40, api=api)
+    assert r["jobs"] == 40 and r["api"] == api
     assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
+    assert r["p50_ms"] <= r["max_ms"] and 0 < r["mean_ms"] <= r["max_ms"]
+    assert min(r["broker_cpu_ms"], r["workers_cpu_ms"], r["client_cpu_ms"]) >= 0
+
+
+@pytest.mark.parametrize("kind", floor.ECHO_KINDS)
+def test_floor_echo_round_trips_through_another_process(kind):
+    rows = floor.echo(kind, n=30, idles=(0.0, 0.001))
+    assert [(r["kind"], r["idle_ms"], r["round_trips"]) for r in rows] == [(kind, 0.0, 30), (kind, 1.0, 30)]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+
+
+def test_floor_commits_store_every_job_and_result():
+    r = floor.commits(25, "normal")
+    assert r["commits"] == 50 and r["completed_rows"] == 25
+    assert 0 < r["insert_p50_ms"] <= r["insert_p99_ms"] and 0 < r["update_p50_ms"] <= r["update_p99_ms"]
 
 
 def test_stress_harness_runs_the_old_stress_shape():
