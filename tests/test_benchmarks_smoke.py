@@ -38,9 +38,11 @@ def test_floor_echo_round_trips_through_another_process(kind):
     assert all(0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
 
 
-def test_floor_commits_store_every_job_and_result():
-    r = floor.commits(25, "normal")
+@pytest.mark.parametrize("presize_wal", [True, False])
+def test_floor_commits_store_every_job_and_result(presize_wal):
+    r = floor.commits(25, "normal", presize_wal=presize_wal)
     assert r["commits"] == 50 and r["completed_rows"] == 25
+    assert r["wal"] == ("grown at open" if presize_wal else "growing")
     assert 0 < r["insert_p50_ms"] <= r["insert_p99_ms"] and 0 < r["update_p50_ms"] <= r["update_p99_ms"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from functools import partial
 
@@ -711,4 +712,52 @@ async def test_a_failing_commit_callback_leaves_the_writer_and_the_batchs_other_
         await writer.write([make_job(3, store)], new=True)  # the writer still runs
         assert len(store.list_sync().jobs) == 3
         nursery.cancel_scope.cancel()
+    store.close_sync()
+
+
+def test_the_wal_is_grown_once_at_open_and_a_crash_copy_of_it_recovers_every_commit(tmp_path):
+    """Commits overwrite a grown WAL instead of extending it (a journal flush fewer each). The
+    zeros past its last frame are never read as frames: a copy of the files taken mid-run, as
+    a crash leaves them (the wal-index in -shm is rebuilt from the WAL), holds what was committed."""
+    store = SQLiteStore(tmp_path / "grown.db")
+    store.checkpoint_commits = 10**9  # every commit stays in the WAL
+    store.open_sync()
+    wal = tmp_path / "grown.db-wal"
+    assert wal.stat().st_size == store.wal_presize_bytes
+    jobs = [make_job(s, store) for s in range(1, 41)]
+    for job in jobs:
+        store.commit_sync([store.insert_row(job)], [])
+    done = jobs[:10]
+    for job in done:
+        job.state, job.attempts, job.worker, job.result = JobState.COMPLETED, 1, "w1", {"ok": job.seq}
+        job.started_at = job.finished_at = 2000.0
+    store.commit_sync([], [store.update_row(job) for job in done])
+    assert wal.stat().st_size == store.wal_presize_bytes  # written inside, never extended
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    for name in ("grown.db", "grown.db-wal"):
+        shutil.copyfile(tmp_path / name, crash / name)
+    again = SQLiteStore(crash / "grown.db")
+    rec = again.open_sync()
+    assert [j.id for j in rec.jobs] == [j.id for j in jobs[10:]]
+    assert [as_dict(j) for j in rec.jobs] == [as_dict(j) for j in jobs[10:]]
+    assert as_dict(again.get_sync(done[3].id)) == as_dict(done[3])
+    assert rec.next_seq == 41
+    again.close_sync()
+    store.close_sync()
+
+
+def test_growing_the_wal_never_cuts_a_longer_one_holding_commits(tmp_path):
+    store = SQLiteStore(tmp_path / "long.db")
+    store.checkpoint_commits = 10**9
+    store.wal_presize_bytes = 64 * 1024
+    store.open_sync()
+    jobs = [make_job(s, store, payload={"pad": "x" * 2000}) for s in range(1, 300)]
+    store.commit_sync([store.insert_row(j) for j in jobs], [])
+    wal = tmp_path / "long.db-wal"
+    longer = wal.stat().st_size
+    assert longer > 64 * 1024
+    store._presize_wal()  # as a reopen after a crash would
+    assert wal.stat().st_size == longer
+    assert len(store.list_sync(limit=1000).jobs) == len(jobs)
     store.close_sync()

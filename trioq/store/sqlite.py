@@ -7,6 +7,7 @@ write. ``synchronous=FULL`` by default: a commit is on disk when it returns.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -29,6 +30,8 @@ from ..job import (
     shared_name,
 )
 from .base import JobPage, Recovered, Store
+
+log = logging.getLogger("trioq.store")
 
 SCHEMA_VERSION = 2
 
@@ -207,6 +210,8 @@ class SQLiteStore(Store):
     #: comes first: about what SQLite's default of 4,000 pages held.
     checkpoint_commits = 1_000
     checkpoint_rows = 40_000
+    #: At open the WAL file is grown to this size with zeros (see _presize_wal); 0: never.
+    wal_presize_bytes = 8 * 2**20
     durable = True
 
     def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
@@ -276,6 +281,7 @@ class SQLiteStore(Store):
         # crossed the threshold ran one, and that could be a small commit on the event loop.
         w.execute("PRAGMA wal_autocheckpoint=0")
         self._migrate(w)
+        self._presize_wal()
         self.job_ids = JobIds(self._id_key(w))
         (legacy,) = w.execute("SELECT value FROM meta WHERE key='legacy_id_max_seq'").fetchone() or (0,)
         self._legacy_max_seq = int(legacy)
@@ -285,6 +291,34 @@ class SQLiteStore(Store):
         tasks = [r[0] for r in w.execute("SELECT name FROM tasks ORDER BY name")]
         paused = [r[0] for r in w.execute("SELECT name FROM paused_queues ORDER BY name")]
         return Recovered(jobs, (max_seq or 0) + 1, tasks, paused, self.job_ids)
+
+    def _presize_wal(self) -> None:
+        """Grow the WAL file once, so that commits overwrite it instead of extending it.
+
+        SQLite writes a WAL from its start again after each checkpoint, and never shrinks it
+        (no journal_size_limit), so only the first checkpoint cycle after a start extends the
+        file; but a commit that extends it waits for a journal flush of the file's new size
+        besides its data (small FULL commits here: 0.40-0.46 ms extending, 0.24-0.32 ms
+        overwriting). Zeros past the end are safe: SQLite reads a WAL frame by frame and stops
+        at the first whose header and checksum do not match, which a zero frame never does
+        (the stale frames it leaves behind itself after a checkpoint are the same case).
+        """
+        if self.path == ":memory:" or self.wal_presize_bytes <= 0:
+            return
+        try:
+            fd = os.open(self.path + "-wal", os.O_WRONLY)
+        except FileNotFoundError:  # not in WAL mode after all: nothing to grow
+            return
+        try:
+            end = os.fstat(fd).st_size
+            zeros = bytes(min(1 << 20, self.wal_presize_bytes))
+            while end < self.wal_presize_bytes:
+                end += os.pwrite(fd, zeros[: self.wal_presize_bytes - end], end)
+            os.fsync(fd)
+        except OSError as exc:  # a full disk now is reported by the first commit, as ever
+            log.warning("could not grow the WAL file to %d bytes: %r", self.wal_presize_bytes, exc)
+        finally:
+            os.close(fd)
 
     def _unfinished(self, w: sqlite3.Connection) -> list[Job]:
         """Unfinished jobs in seq order, for the dispatcher's lines.
