@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,10 @@ def rss_bytes(pid: int) -> int:
 class Cluster:
     """A broker process and N worker processes in a temp dir; everything stopped on exit."""
 
+    #: Called with (name, pid) for each process once it serves ("broker", "worker0", ...):
+    #: how ``benchmarks.profile`` attaches a sampling profiler to a workload's processes.
+    on_ready: Callable[[str, int], None] | None = None
+
     def __init__(self, workdir: Path, *, workers: int = 2, concurrency: int = 64, sync: str = "full",
                  broker_args: tuple[str, ...] = (), db: Path | None = None) -> None:
         self.workdir = workdir
@@ -93,6 +97,14 @@ class Cluster:
             "--sync", self.sync, "--log-level", "warning", *self.broker_args,
         )
         self._wait_until_serving()
+        if self.on_ready is not None:
+            self.on_ready("broker", self.broker.pid)
+
+    def workers_ready(self) -> None:
+        """The workload saw every worker registered with the broker."""
+        if self.on_ready is not None:
+            for i, w in enumerate(self.workers):
+                self.on_ready(f"worker{i}", w.pid)
 
     def _wait_until_serving(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -182,6 +194,7 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
                 # the broker is another process: poll its status, bounded by the deadline
                 while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
                     await trio.sleep(0.02)
+            c.workers_ready()
 
         async def run() -> None:
             async with c.client() as client:
@@ -276,6 +289,7 @@ def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: s
                     # the broker is another process: poll its status, bounded by the deadline
                     while (await client.status())["workers"]["total"] < workers:  # noqa: ASYNC110
                         await trio.sleep(0.02)
+                c.workers_ready()
                 for _ in range(50):  # warm-up
                     await one()
                 broker0, workers0, client0 = cpu_seconds(c.broker.pid), _workers_cpu(c), time.process_time()

@@ -50,3 +50,32 @@ def test_stress_harness_runs_the_old_stress_shape():
     r = trioq_bench.stress(producers=20, jobs_each=3)
     assert r["jobs"] == 60 and r["succeeded"] == 60
     assert r["throughput"] > 0 and r["avg_ms"] > 0
+
+
+def test_profile_summary_counts_work_by_function_and_layer_and_sets_waits_apart():
+    from benchmarks import profile
+
+    folded = [
+        "<module> (trioq/__main__.py:3);run (trio/_core/_run.py:2535);get_events (trio/_core/_io_epoll.py:243) 999\n",
+        "<module> (trioq/__main__.py:3);run (trio/_core/_run.py:2535);EpollIOManager.get_events (trio/_core/_io_epoll.py:243) 50\n",
+        "<module> (trioq/__main__.py:3);StoreWriter.run (trioq/store/writer.py:137);_transaction (trioq/store/sqlite.py:179) 30\n",
+        "<module> (trioq/__main__.py:3);StoreWriter.run (trioq/store/writer.py:140);_transaction (trioq/store/sqlite.py:181) 10\n",
+        "<module> (trioq/__main__.py:3);Broker.submit (trioq/broker/server.py:520);SSLObject.read (ssl.py:921) 20\n",
+        "not a sample line\n",
+    ]
+    s = profile.summarize(folded, top=5)
+    assert (s["samples"], s["idle_samples"], s["busy_samples"]) == (1109, 50, 1059)
+    # an unknown leaf is work; lines of one function are one entry
+    assert [(r["name"], r["samples"]) for r in s["self"]] == [
+        ("get_events (trio/_core/_io_epoll.py)", 999),
+        ("_transaction (trioq/store/sqlite.py)", 40),
+        ("SSLObject.read (ssl.py)", 20),
+    ]
+    assert {r["name"]: r["samples"] for r in s["layers"]} == {"trio core": 999, "trioq.store": 40, "TLS (trio._ssl, ssl)": 20}
+    # trioq's functions with their callees; the entry point under every sample is left out
+    assert {r["name"]: r["samples"] for r in s["total"]} == {
+        "StoreWriter.run (trioq/store/writer.py)": 40,
+        "_transaction (trioq/store/sqlite.py)": 40,
+        "Broker.submit (trioq/broker/server.py)": 20,
+    }
+    assert abs(sum(r["share"] for r in s["layers"]) - 1) < 1e-9
