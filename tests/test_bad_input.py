@@ -6,6 +6,8 @@ import struct
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import trioq
 from trioq.errors import ConnectionLost, ErrorCode, RemoteError
@@ -175,3 +177,37 @@ async def test_result_for_a_job_the_worker_does_not_hold_is_refused(nursery, cer
     with trio.fail_after(10):
         err = await w.receive()
     assert isinstance(err, Error) and err.code == "stale" and not err.fatal
+
+
+_JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8)
+_NUMBERS = st.floats(0, 1e6) | st.integers(0, 1000)
+# Each field present or not, mostly with a value of its own type, sometimes with any value.
+_JOB_DICTS = st.fixed_dictionaries({}, optional={
+    "task": st.sampled_from(["noop", "t.x", ""]) | _JSON_SCALARS,
+    "payload": st.dictionaries(st.text(max_size=4), _JSON_SCALARS, max_size=2) | _JSON_SCALARS,
+    "priority": st.integers(0, 12) | _JSON_SCALARS,
+    "queue": st.sampled_from(["default", "q2"]) | _JSON_SCALARS,
+    "delay": _NUMBERS | _JSON_SCALARS,
+    "run_at": _NUMBERS | _JSON_SCALARS,
+    "max_attempts": st.integers(1, 5) | _JSON_SCALARS,
+    "timeout": _NUMBERS | _JSON_SCALARS,
+    "idempotency_key": st.text(max_size=5) | _JSON_SCALARS,
+    "other": _JSON_SCALARS,
+})
+
+
+@settings(max_examples=500, deadline=None)
+@given(_JOB_DICTS)
+def test_the_fast_path_for_plain_jobs_decodes_as_the_field_by_field_path_does(d):
+    """A job naming only its task (and perhaps a payload) skips the per-field checks: it must
+    come out the same, and anything else must take the checks and get their errors."""
+    from trioq.protocol.messages import FieldError, _structure_jobspec, _structure_jobspec_fields
+
+    try:
+        expected = _structure_jobspec_fields(d, "$.jobs[0]")
+    except FieldError as exc:
+        with pytest.raises(FieldError) as got:
+            _structure_jobspec(d, "$.jobs[0]")
+        assert str(got.value) == str(exc)
+    else:
+        assert _structure_jobspec(d, "$.jobs[0]") == expected

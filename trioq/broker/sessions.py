@@ -298,27 +298,33 @@ def validate_specs(specs: list[JobSpec], broker: Broker) -> None:
     if len(specs) > cfg.max_batch:
         raise RequestError(ErrorCode.TOO_LARGE, f"{len(specs)} jobs in one submit; the limit is {cfg.max_batch}")
     known = broker.dispatcher.known_tasks
+    many = len(specs) > 1
     for i, s in enumerate(specs):
-        where = f"job {i}" if len(specs) > 1 else "job"
         if not good_name(s.task):
-            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: task must be 1-200 letters, digits or _.:-")
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{_where(i, many)}: task must be 1-200 letters, digits or _.:-")
         if not good_name(s.queue):
-            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: queue must be 1-200 letters, digits or _.:-")
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{_where(i, many)}: queue must be 1-200 letters, digits or _.:-")
         if not MIN_PRIORITY <= s.priority <= MAX_PRIORITY:
-            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: priority must be {MIN_PRIORITY}-{MAX_PRIORITY}, not {s.priority}")
-        for name in ("delay", "run_at", "timeout"):
-            v = getattr(s, name)
-            if v is not None and (not math.isfinite(v) or v < 0 or (name == "timeout" and v == 0)):
-                raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: {name} must be a positive finite number")
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{_where(i, many)}: priority must be {MIN_PRIORITY}-{MAX_PRIORITY}, not {s.priority}")
+        if s.delay is not None or s.run_at is not None or s.timeout is not None:
+            for name in ("delay", "run_at", "timeout"):
+                v = getattr(s, name)
+                if v is not None and (not math.isfinite(v) or v < 0 or (name == "timeout" and v == 0)):
+                    raise RequestError(ErrorCode.INVALID_FIELD, f"{_where(i, many)}: {name} must be a positive finite number")
         if s.max_attempts is not None and not 1 <= s.max_attempts <= 1000:
-            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: max_attempts must be 1-1000")
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{_where(i, many)}: max_attempts must be 1-1000")
         if s.idempotency_key is not None and not 0 < len(s.idempotency_key) <= 200:
-            raise RequestError(ErrorCode.INVALID_FIELD, f"{where}: idempotency_key must be 1-200 characters")
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{_where(i, many)}: idempotency_key must be 1-200 characters")
         if not cfg.allow_unknown_tasks and s.task not in known:
             raise RequestError(
                 ErrorCode.UNKNOWN_TASK,
-                f"{where}: no worker has ever registered task {s.task!r} (known: {', '.join(sorted(known)) or 'none'})",
+                f"{_where(i, many)}: no worker has ever registered task {s.task!r} (known: {', '.join(sorted(known)) or 'none'})",
             )
+
+
+def _where(i: int, many: bool) -> str:
+    """How an error names the job: made only for an error (a batch holds up to 10,000 jobs)."""
+    return f"job {i}" if many else "job"
 
 
 def payload_size(payload: Any) -> int:
