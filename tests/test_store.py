@@ -761,3 +761,26 @@ def test_growing_the_wal_never_cuts_a_longer_one_holding_commits(tmp_path):
     assert wal.stat().st_size == longer
     assert len(store.list_sync(limit=1000).jobs) == len(jobs)
     store.close_sync()
+
+
+def test_the_wal_is_grown_only_under_its_write_lock(tmp_path):
+    """Another connection appending frames while the zeros go in would lose them: growing
+    waits for the write lock, and writes nothing while someone else holds it."""
+    store = SQLiteStore(tmp_path / "locked.db")
+    store.wal_presize_bytes = 64 * 1024
+    store.open_sync()
+    wal = tmp_path / "locked.db-wal"
+    other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO meta(key, value) VALUES ('x', 'y')")
+    store.wal_presize_bytes = 4 * 2**20
+    store._w.execute("PRAGMA busy_timeout=50")
+    before = wal.stat().st_size
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store._presize_wal()
+    assert wal.stat().st_size == before
+    other.execute("COMMIT")
+    other.close()
+    store._presize_wal()
+    assert wal.stat().st_size == 4 * 2**20
+    store.close_sync()

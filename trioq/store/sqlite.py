@@ -305,20 +305,26 @@ class SQLiteStore(Store):
         """
         if self.path == ":memory:" or self.wal_presize_bytes <= 0:
             return
-        try:
-            fd = os.open(self.path + "-wal", os.O_WRONLY)
-        except FileNotFoundError:  # not in WAL mode after all: nothing to grow
-            return
-        try:
-            end = os.fstat(fd).st_size
-            zeros = bytes(min(1 << 20, self.wal_presize_bytes))
-            while end < self.wal_presize_bytes:
-                end += os.pwrite(fd, zeros[: self.wal_presize_bytes - end], end)
-            os.fsync(fd)
-        except OSError as exc:  # a full disk now is reported by the first commit, as ever
-            log.warning("could not grow the WAL file to %d bytes: %r", self.wal_presize_bytes, exc)
-        finally:
-            os.close(fd)
+        w = self._w
+        assert w is not None
+        # Under the WAL's write lock: no other connection, in this process or another, can
+        # append a frame past the end measured here while the zeros go in.
+        with _transaction(w, "BEGIN IMMEDIATE"):
+            try:
+                fd = os.open(self.path + "-wal", os.O_WRONLY)
+            except OSError as exc:  # no WAL after all, or not ours to write: nothing to grow
+                log.warning("could not open the WAL file to grow it: %r", exc)
+                return
+            try:
+                end = os.fstat(fd).st_size
+                zeros = bytes(min(1 << 20, self.wal_presize_bytes))
+                while end < self.wal_presize_bytes:
+                    end += os.pwrite(fd, zeros[: self.wal_presize_bytes - end], end)
+                os.fsync(fd)
+            except OSError as exc:  # a full disk now is reported by the first commit, as ever
+                log.warning("could not grow the WAL file to %d bytes: %r", self.wal_presize_bytes, exc)
+            finally:
+                os.close(fd)
 
     def _unfinished(self, w: sqlite3.Connection) -> list[Job]:
         """Unfinished jobs in seq order, for the dispatcher's lines.
