@@ -7,6 +7,7 @@ write. ``synchronous=FULL`` by default: a commit is on disk when it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -32,6 +33,9 @@ from ..job import (
 from .base import JobPage, Recovered, Store
 
 log = logging.getLogger("trioq.store")
+
+_WAL_HEADER = 32  # bytes before a WAL's first frame
+_WAL_FRAME_HEADER = 24  # bytes before each frame's page
 
 SCHEMA_VERSION = 2
 
@@ -292,6 +296,10 @@ class SQLiteStore(Store):
         paused = [r[0] for r in w.execute("SELECT name FROM paused_queues ORDER BY name")]
         return Recovered(jobs, (max_seq or 0) + 1, tasks, paused, self.job_ids)
 
+    #: How long growing the WAL at open waits for another connection's write lock before it
+    #: gives up (it is an optimisation: the broker starts either way).
+    wal_presize_wait = 1.0
+
     def _presize_wal(self) -> None:
         """Grow the WAL file once, so that commits overwrite it instead of extending it.
 
@@ -303,28 +311,46 @@ class SQLiteStore(Store):
         at the first whose header and checksum do not match, which a zero frame never does
         (the stale frames it leaves behind itself after a checkpoint are the same case).
         """
-        if self.path == ":memory:" or self.wal_presize_bytes <= 0:
+        if self.path == ":memory:" or self.wal_presize_bytes <= 0 or not hasattr(os, "pwrite"):
             return
         w = self._w
         assert w is not None
         # Under the WAL's write lock: no other connection, in this process or another, can
         # append a frame past the end measured here while the zeros go in.
-        with _transaction(w, "BEGIN IMMEDIATE"):
-            try:
-                fd = os.open(self.path + "-wal", os.O_WRONLY)
-            except OSError as exc:  # no WAL after all, or not ours to write: nothing to grow
-                log.warning("could not open the WAL file to grow it: %r", exc)
+        (busy_ms,) = w.execute("PRAGMA busy_timeout").fetchone()
+        w.execute(f"PRAGMA busy_timeout={int(self.wal_presize_wait * 1000)}")
+        try:
+            with _transaction(w, "BEGIN IMMEDIATE"):
+                (page_size,) = w.execute("PRAGMA page_size").fetchone()
+                self._grow_wal(os.path.realpath(self.path) + "-wal", page_size)
+        except sqlite3.OperationalError as exc:  # busy elsewhere, or read-only: start anyway
+            log.warning("did not grow the WAL file: %s", exc)
+        finally:
+            w.execute(f"PRAGMA busy_timeout={busy_ms}")
+
+    def _grow_wal(self, wal: str, page_size: int) -> None:
+        try:
+            fd = os.open(wal, os.O_WRONLY)
+        except OSError as exc:  # no WAL after all, or not ours to write: nothing to grow
+            log.warning("could not open the WAL file to grow it: %r", exc)
+            return
+        try:
+            start = end = os.fstat(fd).st_size
+            if end and (end - _WAL_HEADER) % (page_size + _WAL_FRAME_HEADER):
+                # A frame torn by a crash while the file grew: zeros could complete it into a
+                # valid frame of a commit nobody was told of. Left as SQLite wrote it.
                 return
+            zeros = bytes(min(1 << 20, self.wal_presize_bytes))
             try:
-                end = os.fstat(fd).st_size
-                zeros = bytes(min(1 << 20, self.wal_presize_bytes))
                 while end < self.wal_presize_bytes:
                     end += os.pwrite(fd, zeros[: self.wal_presize_bytes - end], end)
                 os.fsync(fd)
-            except OSError as exc:  # a full disk now is reported by the first commit, as ever
+            except OSError as exc:  # a full disk: give the space back, the commits need it more
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
                 log.warning("could not grow the WAL file to %d bytes: %r", self.wal_presize_bytes, exc)
-            finally:
-                os.close(fd)
+        finally:
+            os.close(fd)
 
     def _unfinished(self, w: sqlite3.Connection) -> list[Job]:
         """Unfinished jobs in seq order, for the dispatcher's lines.
