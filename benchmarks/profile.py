@@ -100,7 +100,11 @@ def summarize(folded: Iterable[str], top: int = 20) -> dict[str, Any]:
 
 @contextmanager
 def sampled(rate: int, out_dir: Path, names: tuple[str, ...]) -> Iterator[dict[str, Path]]:
-    """Attach py-spy to each named process of the benchmark cluster once it serves."""
+    """Attach py-spy to each named process of the benchmark cluster once it serves.
+
+    Yields where each process's stacks will be; each sampler ends when its process exits
+    (the cluster stops them), and its own messages go to ``NAME.stderr`` beside the stacks.
+    """
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         raise click.ClickException("py-spy is not installed: pip install -e '.[profile]'")
@@ -111,23 +115,42 @@ def sampled(rate: int, out_dir: Path, names: tuple[str, ...]) -> Iterator[dict[s
         if name not in names:
             return
         outputs[name] = out_dir / f"{name}.folded"
-        samplers.append(subprocess.Popen(
-            [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-             "--output", str(outputs[name])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        ))
+        with (out_dir / f"{name}.stderr").open("wb") as err:
+            samplers.append(subprocess.Popen(
+                [py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
+                 "--output", str(outputs[name])],
+                stdout=subprocess.DEVNULL, stderr=err,
+            ))
 
     trioq_bench.Cluster.on_ready = staticmethod(attach)  # type: ignore[assignment]
     try:
         yield outputs
     finally:
         trioq_bench.Cluster.on_ready = None
-        for s in samplers:  # each ends when its process exits; these are stopped by the cluster
-            try:
-                s.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                s.send_signal(signal.SIGINT)
-                s.wait(timeout=30)
+        for s in samplers:
+            _stop(s)
+
+
+def _stop(sampler: subprocess.Popen[bytes]) -> None:
+    """Let a sampler finish writing; one that does not is interrupted, then killed."""
+    try:
+        sampler.wait(timeout=60)
+        return
+    except subprocess.TimeoutExpired:
+        sampler.send_signal(signal.SIGINT)
+    try:
+        sampler.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        sampler.kill()
+        sampler.wait()
+
+
+def _why_no_samples(out_dir: Path, name: str) -> str:
+    err = out_dir / f"{name}.stderr"
+    said = err.read_text(errors="replace").strip()[-500:] if err.exists() else ""
+    return f"no samples for {name}" + (f"; py-spy said: {said}" if said else ": was py-spy attached?") + (
+        " (py-spy needs ptrace: root or CAP_SYS_PTRACE)"
+    )
 
 
 def print_summary(name: str, s: dict[str, Any]) -> None:
@@ -156,7 +179,7 @@ def main(workload: str, jobs: int | None, rate: int, top: int, json_path: str | 
         for name in names:  # every sampler has written its stacks by now
             path = outputs.get(name)
             if path is None or not path.exists():
-                raise click.ClickException(f"no samples for {name}: is ptrace allowed here (root, or CAP_SYS_PTRACE)?")
+                raise click.ClickException(_why_no_samples(Path(d), name))
             with path.open() as f:
                 summaries[name] = summarize(f, top)
     for name, summary in summaries.items():

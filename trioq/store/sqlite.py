@@ -306,7 +306,7 @@ class SQLiteStore(Store):
         SQLite writes a WAL from its start again after each checkpoint, and never shrinks it
         (no journal_size_limit), so only the first checkpoint cycle after a start extends the
         file; but a commit that extends it waits for a journal flush of the file's new size
-        besides its data (small FULL commits here: 0.40-0.46 ms extending, 0.24-0.32 ms
+        besides its data (small FULL commits here, `benchmarks.floor`: 0.53-0.81 ms extending, 0.26-0.37 ms
         overwriting). Zeros past the end are safe: SQLite reads a WAL frame by frame and stops
         at the first whose header and checksum do not match, which a zero frame never does
         (the stale frames it leaves behind itself after a checkpoint are the same case).
