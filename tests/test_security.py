@@ -389,6 +389,31 @@ async def test_producers_read_only_their_own_jobs_and_admins_read_all(
         assert (await bob.result(theirs, timeout=10)).result == "bob"
 
 
+async def test_idempotency_keys_belong_to_the_credential_that_used_them(
+    nursery: trio.Nursery, certs: CertPaths, tokens: Tokens, tmp_path: Path
+) -> None:
+    """One producer's key neither finds nor blocks another's job: bob using alice's key gets a
+    job of his own and never learns hers (it waits in a queue no worker serves)."""
+    h = await start_broker(nursery, certs, auth_file=str(tokens.path), db=str(tmp_path / "keys.db"))
+    port, ca = h.port, certs.ca_cert
+    async with (
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.alice) as alice,
+        trioq.Client("127.0.0.1", port, ca=ca, token=tokens.bob) as bob,
+    ):
+        mine = await alice.submit("noop", {"who": "alice"}, queue="held", idempotency_key="order-1")
+        theirs = await bob.submit("noop", {"who": "bob"}, queue="held", idempotency_key="order-1")
+        assert theirs != mine
+        assert await alice.submit("noop", {"who": "alice again"}, queue="held", idempotency_key="order-1") == mine
+        assert await bob.submit("noop", {"who": "bob again"}, queue="held", idempotency_key="order-1") == theirs
+        assert (await bob.get_job(theirs)).payload == {"who": "bob"}
+        assert (await alice.get_job(mine)).payload == {"who": "alice"}
+        with pytest.raises(JobNotFound):
+            await bob.get_job(mine)
+    assert {(j.owner, j.idempotency_key) for j in h.broker.dispatcher.idempotency.values()} == {
+        ("alice", "order-1"), ("bob", "order-1"),
+    }
+
+
 async def test_only_an_admin_pauses_a_queue_and_its_jobs_wait_until_resumed(
     nursery: trio.Nursery, certs: CertPaths, tokens: Tokens
 ) -> None:

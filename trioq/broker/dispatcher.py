@@ -282,7 +282,9 @@ class Dispatcher:
         self._lines: dict[tuple[str, str], _Line] = {}
         self._scheduled: list[tuple[float, int, int, Job]] = []
         self.live: dict[str, Job] = {}  # every unfinished job by id
-        self.idempotency: dict[str, Job] = {}
+        #: unfinished jobs by (owner, idempotency key): each credential has keys of its own,
+        #: so one producer's key can neither find nor block another's job
+        self.idempotency: dict[tuple[str | None, str], Job] = {}
         self.workers: dict[str, WorkerSlot] = {}
         self._rotation: deque[str] = deque()
         self.paused: set[str] = set()
@@ -354,7 +356,7 @@ class Dispatcher:
                     batch.append(job)
                     n += 1
             if job.idempotency_key:
-                idempotency[job.idempotency_key] = job
+                idempotency[job.owner, job.idempotency_key] = job
         self.n_queued += n
         for key, batch in pending.items():
             self._line(key).extend(batch)
@@ -453,7 +455,7 @@ class Dispatcher:
         for job in jobs:
             self.live[job.id] = job
             if job.idempotency_key:
-                self.idempotency[job.idempotency_key] = job
+                self.idempotency[job.owner, job.idempotency_key] = job
             self._enqueue(job)
             self.known_tasks.add(job.task)
         self.submitted += len(jobs)
@@ -667,8 +669,8 @@ class Dispatcher:
         if state is JobState.DEAD:
             job.dead_reason = reason
         self.live.pop(job.id, None)
-        if job.idempotency_key and self.idempotency.get(job.idempotency_key) is job:
-            del self.idempotency[job.idempotency_key]
+        if job.idempotency_key and self.idempotency.get((job.owner, job.idempotency_key)) is job:
+            del self.idempotency[job.owner, job.idempotency_key]
         if not self._room.is_set():
             self._room.set()
 

@@ -511,18 +511,18 @@ class Broker:
         fresh_pos: list[int] = []
         for i, spec in enumerate(specs):
             key = spec.idempotency_key
-            if key is not None and key in d.idempotency:
-                ids[i] = d.idempotency[key].id
+            if key is not None and (owner, key) in d.idempotency:
+                ids[i] = d.idempotency[owner, key].id
                 existing[i] = True
             else:
                 fresh_specs.append(spec)
                 fresh_pos.append(i)
         jobs = make_jobs(fresh_specs, self, owner, frame_size) if fresh_specs else []
-        claimed = []
+        claimed: list[tuple[str | None, str]] = []
         for job, i in zip(jobs, fresh_pos, strict=True):
             ids[i] = job.id
-            key = job.idempotency_key
-            if key is not None:
+            if job.idempotency_key is not None:
+                key = (owner, job.idempotency_key)
                 if key in d.idempotency:  # twice in one batch
                     ids[i] = d.idempotency[key].id
                     existing[i] = True
