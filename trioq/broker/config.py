@@ -43,6 +43,8 @@ class BrokerConfig:
     max_payload: int = 1024 * 1024
     max_connections: int = 1024
     max_queued: int = 2_000_000
+    #: jobs received but not yet committed, broker-wide: past it producers are not read from
+    max_uncommitted: int = 20_000
     max_errors: int = 20  # non-fatal errors per connection before it is closed
     max_concurrency: int = 10_000  # per worker
     max_waits: int = 100_000  # outstanding WAITs per connection
@@ -76,7 +78,7 @@ class BrokerConfig:
             raise ValueError("heartbeat timeout must be longer than the heartbeat interval")
         if self.tls_min_version not in ("1.2", "1.3"):
             raise ValueError("tls_min_version must be 1.2 or 1.3")
-        for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued", "max_errors"):
+        for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued", "max_errors", "max_uncommitted"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("handshake_timeout", "hello_timeout"):

@@ -46,6 +46,7 @@ from ..store.memory import MemoryStore
 from ..store.sqlite import SQLiteStore
 from ..store.writer import StoreWriter
 from .auth import MAY_ACT_AS, Authenticator
+from .budget import JobBudget
 from .config import BrokerConfig, is_loopback
 from .dispatcher import CALL, SUBMIT, Dispatcher, RetryPolicy, WorkerSlot
 from .events import EventHub
@@ -146,6 +147,8 @@ class Broker:
         self._marks: deque[tuple[float, list[Job]]] = deque()
         self.writer = StoreWriter(store)
         self.writer.on_commit.append(self._committed)
+        #: SUBMITs' jobs between their frame and their answer (see budget.py)
+        self.submit_budget = JobBudget(config.max_uncommitted)
         self.hub = EventHub()
         self.task_defaults: dict[str, dict[str, Any]] = {}
         self.default_max_attempts = DEFAULT_MAX_ATTEMPTS

@@ -168,15 +168,29 @@ class ProducerSession(Session):
             # session's other requests (max_waits bounds how many there are).
             nursery.start_soon(self._serve, handler, msg, None, req, None, size)
             return
-        borrower = object()
-        try:  # no trip through the scheduler while the limiter has room
-            limiter.acquire_on_behalf_of_nowait(borrower)
-        except trio.WouldBlock:
-            await limiter.acquire_on_behalf_of(borrower)
-        nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size)
+        budgeted = 0
+        if type(msg) is Submit:
+            # Not another frame is read while the broker holds its fill of uncommitted jobs.
+            budget = self.broker.submit_budget
+            try:
+                budgeted = budget.take_nowait(len(msg.jobs))
+            except trio.WouldBlock:
+                budgeted = await budget.take(len(msg.jobs))
+        try:
+            borrower = object()
+            try:  # no trip through the scheduler while the limiter has room
+                limiter.acquire_on_behalf_of_nowait(borrower)
+            except trio.WouldBlock:
+                await limiter.acquire_on_behalf_of(borrower)
+            nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size, budgeted)
+        except BaseException:  # the jobs never reached _serve, which gives them back
+            if budgeted:
+                self.broker.submit_budget.give(budgeted)
+            raise
 
     async def _serve(
         self, handler, msg: Message, limiter: trio.CapacityLimiter | None, req: int | None, borrower: object, size: int,
+        budgeted: int = 0,
     ) -> None:
         try:
             try:
@@ -193,6 +207,8 @@ class ProducerSession(Session):
         finally:
             if limiter is not None:
                 limiter.release_on_behalf_of(borrower)
+            if budgeted:
+                self.broker.submit_budget.give(budgeted)
 
     async def _submit(self, msg: Submit, size: int = 0) -> None:
         if msg.wait:
