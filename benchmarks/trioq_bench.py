@@ -7,6 +7,7 @@ comparison (``benchmarks.peers_main`` imports ``throughput`` and ``latency`` fro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -25,7 +26,10 @@ from tqdm import tqdm
 import trioq
 from trioq.job import JobSpec
 
+from . import stepcount
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REPO = Path(__file__).resolve().parent.parent
 
 
 def bar(total: int, desc: str, enabled: bool) -> tqdm:
@@ -62,8 +66,10 @@ class Cluster:
     on_ready: Callable[[str, int], None] | None = None
 
     def __init__(self, workdir: Path, *, workers: int = 2, concurrency: int = 64, sync: str = "full",
-                 broker_args: tuple[str, ...] = (), db: Path | None = None) -> None:
+                 broker_args: tuple[str, ...] = (), db: Path | None = None, count_steps: bool = False) -> None:
         self.workdir = workdir
+        #: run each process under benchmarks.stepcount (Trio's scheduler work, see step_counts)
+        self.count_steps = count_steps
         self.port = free_port()
         self.n_workers = workers
         self.concurrency = concurrency
@@ -77,10 +83,26 @@ class Cluster:
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop()
         self.logs.append(log)
+        command = [sys.executable, "-m", "trioq", *args]
+        env = None
+        if self.count_steps:
+            command[2:3] = ["benchmarks.stepcount", str(self.workdir / f"steps-{name}.json")]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         return subprocess.Popen(
-            [sys.executable, "-m", "trioq", *args], cwd=self.workdir, stdin=subprocess.DEVNULL,
+            command, cwd=self.workdir, stdin=subprocess.DEVNULL, env=env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+    def snapshot_steps(self) -> None:
+        """Each process counting its steps takes a snapshot (see benchmarks.stepcount)."""
+        for p in [*([self.broker] if self.broker else []), *self.workers]:
+            os.kill(p.pid, signal.SIGUSR1)
+
+    def step_counts(self, name: str, per: int) -> dict[str, Any]:
+        """Per job, between the process's first two snapshots; read after stop()."""
+        data = json.loads((self.workdir / f"steps-{name}.json").read_text())
+        before, after = data["snapshots"][:2]
+        return stepcount.difference(after, before, per)
 
     def _wait_log(self, name: str, needle: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -262,20 +284,29 @@ def throughput(n_jobs: int = 100_000, workers: int = 2, *, batch: int = 5_000, c
         }
 
 
-def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: str = "submit") -> dict[str, Any]:
+def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: str = "submit",
+            count_steps: bool = False) -> dict[str, Any]:
     """Idle workers; one job at a time, submit to result.
 
     ``api``: "submit" is ``submit`` then ``result`` (two requests), "run" is ``Client.run``
     (one SUBMIT with wait). The CPU each process spent per job is reported beside the
     percentiles: on an idle path, time not spent waiting for the disk is CPU somewhere.
+    ``count_steps`` adds each process's turns of Trio's run loop and task steps per job.
     """
     if api not in LATENCY_APIS:
         raise ValueError(f"api must be one of {LATENCY_APIS}")
-    with cluster(workers=workers, concurrency=4, sync=sync) as c:
+    steps: dict[str, Any] = {}
+    with cluster(workers=workers, concurrency=4, sync=sync, count_steps=count_steps) as c:
         c.start_broker()
         assert c.broker is not None
         samples: list[float] = []
         cpu: dict[str, float] = {}
+        client_steps = stepcount.StepCounter()
+
+        def snapshot() -> None:
+            if count_steps:
+                c.snapshot_steps()
+                client_steps.take_snapshot()
 
         async def run() -> None:
             async with c.client() as client:
@@ -292,6 +323,7 @@ def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: s
                 c.workers_ready()
                 for _ in range(50):  # warm-up
                     await one()
+                snapshot()
                 broker0, workers0, client0 = cpu_seconds(c.broker.pid), _workers_cpu(c), time.process_time()
                 for _ in range(n_jobs):
                     t = time.perf_counter()
@@ -302,8 +334,17 @@ def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: s
                     broker=cpu_seconds(c.broker.pid) - broker0, workers=_workers_cpu(c) - workers0,
                     client=time.process_time() - client0,
                 )
+                snapshot()
 
-        trio.run(run)
+        trio.run(run, instruments=[client_steps] if count_steps else [])
+        if count_steps:
+            c.stop()  # the processes write their counts as they exit
+            steps["broker"] = c.step_counts("broker", n_jobs)
+            per_worker = [c.step_counts(f"worker{i}", n_jobs) for i in range(workers)]
+            steps["workers"] = {
+                k: sum(w[k] for w in per_worker) for k in ("loop_turns", "spawned", "task_steps")
+            }
+            steps["client"] = stepcount.difference(*reversed(client_steps.snapshots[:2]), n_jobs)
     samples.sort()
 
     def pct(p: float) -> float:
@@ -319,6 +360,7 @@ def latency(n_jobs: int = 1_000, *, sync: str = "full", workers: int = 2, api: s
         "max_ms": samples[-1] * 1000,
         "mean_ms": sum(samples) / len(samples) * 1000,
         **{f"{name}_cpu_ms": seconds / n_jobs * 1000 for name, seconds in cpu.items()},
+        **({"steps_per_job": steps} if steps else {}),
         "durability": f"SQLite WAL synchronous={sync.upper()}, TLS 1.3",
     }
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from benchmarks import floor, trioq_bench
+from benchmarks import floor, stepcount, trioq_bench
 from trioq.store.sqlite import SQLiteStore
 
 
@@ -31,6 +31,28 @@ def test_latency_harness_reports_ordered_percentiles(api):
     assert r["p50_ms"] <= r["max_ms"] and 0 < r["mean_ms"] <= r["max_ms"]
     assert r["client_cpu_ms"] > 0  # measured here, to the nanosecond
     assert min(r["broker_cpu_ms"], r["workers_cpu_ms"]) >= 0  # /proc counts 10 ms ticks: 40 jobs may show none
+
+
+def test_latency_counts_each_process_s_scheduler_work_per_job():
+    """Each process runs under benchmarks.stepcount; only the measured jobs are counted."""
+    r = trioq_bench.latency(20, api="run", workers=1, count_steps=True)
+    steps = r["steps_per_job"]
+    assert set(steps) == {"broker", "workers", "client"}
+    broker = steps["broker"]
+    # at the least: read the SUBMIT and the RESULT, write the ACK, the DISPATCH and the final JOB
+    assert broker["task_steps"] >= 5 and broker["loop_turns"] >= 3
+    assert broker["steps_by_task"]["_run_writer"] >= 3  # one writer task per connection sends every frame
+    assert steps["workers"]["task_steps"] >= 2 and steps["client"]["task_steps"] >= 2
+    # the warm-up's 50 jobs are left out: counted in, the figures would be 3.5x as large
+    assert broker["task_steps"] < 50
+
+
+def test_step_differences_are_per_job_and_keep_only_tasks_that_ran():
+    before = {"loop_turns": 10, "spawned": 1, "steps": {"a": 4, "b": 7}}
+    after = {"loop_turns": 30, "spawned": 5, "steps": {"a": 24, "b": 7, "c": 2}}
+    assert stepcount.difference(after, before, per=4) == {
+        "loop_turns": 5.0, "spawned": 1.0, "task_steps": 5.5, "steps_by_task": {"a": 5.0, "c": 0.5},
+    }
 
 
 @pytest.mark.parametrize("kind", floor.ECHO_KINDS)
