@@ -21,7 +21,8 @@ import trio
 
 
 class StepCounter(trio.abc.Instrument):
-    def __init__(self) -> None:
+    def __init__(self, out: Path | None = None) -> None:
+        self.out = out
         self.loop_turns = 0
         self.spawned = 0
         self.steps: Counter[str] = Counter()
@@ -41,6 +42,12 @@ class StepCounter(trio.abc.Instrument):
 
     def take_snapshot(self, *_: object) -> None:
         self.snapshots.append(self.snapshot())
+        if self.out is not None:  # at once: a process killed later keeps what it counted
+            self.dump()
+
+    def dump(self) -> None:
+        assert self.out is not None
+        self.out.write_text(json.dumps({"final": self.snapshot(), "snapshots": self.snapshots}))
 
 
 def difference(after: dict[str, Any], before: dict[str, Any], per: int) -> dict[str, Any]:
@@ -56,13 +63,9 @@ def difference(after: dict[str, Any], before: dict[str, Any], per: int) -> dict[
 
 def main() -> None:
     out, args = Path(sys.argv[1]), sys.argv[2:]
-    counter = StepCounter()
+    counter = StepCounter(out)
     signal.signal(signal.SIGUSR1, counter.take_snapshot)  # runs between bytecodes, on the main thread
-
-    def dump() -> None:
-        out.write_text(json.dumps({"final": counter.snapshot(), "snapshots": counter.snapshots}))
-
-    atexit.register(dump)
+    atexit.register(counter.dump)
     run = trio.run
 
     def instrumented_run(*a: Any, **kw: Any) -> Any:

@@ -95,6 +95,8 @@ class Cluster:
 
     def snapshot_steps(self) -> None:
         """Each process counting its steps takes a snapshot (see benchmarks.stepcount)."""
+        if not self.count_steps:  # SIGUSR1 would end a process that is not counting
+            raise RuntimeError("this cluster was started without count_steps")
         for p in [*([self.broker] if self.broker else []), *self.workers]:
             os.kill(p.pid, signal.SIGUSR1)
 

@@ -9,6 +9,10 @@ import trio.testing
 
 import trioq
 from trioq.broker.budget import JobBudget, JobBudgetStatistics
+from trioq.broker.sessions import RequestError
+from trioq.errors import ErrorCode
+from trioq.protocol.framing import FramedConnection
+from trioq.protocol.messages import PROTOCOL_VERSION, Hello, StatusRequest, Submit, Welcome
 
 from .conftest import memory_broker, memory_connect
 
@@ -111,3 +115,75 @@ async def test_a_producer_is_not_read_from_while_the_budget_is_spent(autojump_cl
             await statused.wait()
         assert sorted(answered) == ["status", "submit"] and broker.dispatcher.submitted == 3
     assert broker.submit_budget.statistics() == JobBudgetStatistics(10, 10, 0)
+
+
+async def test_a_take_cancelled_in_the_moment_it_is_granted_gives_the_jobs_back(autojump_clock):
+    budget = JobBudget(10)
+    budget.take_nowait(10)
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+        nursery.start_soon(_in_scope, scope, budget, 4)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()  # the waiter is woken with Cancelled ...
+        budget.give(10)  # ... and granted before it runs: it must give its 4 back
+    assert budget.statistics() == JobBudgetStatistics(10, 10, 0)
+
+
+async def _producer(broker, nursery, name: str, jobs: int, log: list) -> None:
+    """A SUBMIT of ``jobs`` jobs and a STATUS behind it, sent at once; when each is answered."""
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(broker.serve_connection, server, "memory")
+    conn = FramedConnection(client)
+    nursery.start_soon(conn.run_writer)
+    conn.send_nowait(Hello(PROTOCOL_VERSION, "producer", name))
+    assert isinstance(await conn.receive(), Welcome)
+    conn.send_nowait(Submit(1, [trioq.JobSpec("noop", {"i": i}) for i in range(jobs)]))
+    conn.send_nowait(StatusRequest(2))
+    for _ in range(2):
+        msg = await conn.receive()
+        log.append((name, type(msg).__name__, getattr(msg, "code", None), trio.current_time()))
+
+
+async def test_submits_waiting_for_room_hold_no_budget_so_all_are_refused_after_30s_not_in_turn(autojump_clock, nursery):
+    """With --max-queued full, a SUBMIT waits 30 s for room, then `busy`. Were its jobs held
+    from the budget meanwhile, the producers behind it would not even be read until then."""
+    broker = memory_broker(max_uncommitted=10, max_queued=1, allow_unknown_tasks=True)
+    await broker.start_core(nursery)
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        await c.submit_many([trioq.JobSpec("noop", {})])  # the queue is full ...
+    await trio.testing.wait_all_tasks_blocked()  # ... once the dispatcher has heard of it
+    assert not broker.dispatcher.has_room(1)
+    t0 = trio.current_time()
+    log: list = []
+    async with trio.open_nursery() as producers:
+        for k in range(4):
+            producers.start_soon(_producer, broker, nursery, f"p{k}", 10, log)
+            await trio.testing.wait_all_tasks_blocked()
+    assert sorted((name, kind, code, round(t - t0)) for name, kind, code, t in log) == sorted(
+        [(f"p{k}", "StatusReply", None, 0) for k in range(4)] + [(f"p{k}", "Error", ErrorCode.BUSY.value, 30) for k in range(4)]
+    )
+    assert broker.submit_budget.statistics() == JobBudgetStatistics(10, 10, 0)
+
+
+async def test_a_submit_that_runs_out_of_room_gives_its_budget_back_while_it_waits(autojump_clock, nursery):
+    broker = memory_broker(max_queued=1, allow_unknown_tasks=True)
+    await broker.start_core(nursery)
+    await broker.submit([trioq.JobSpec("noop", {})])
+    await trio.testing.wait_all_tasks_blocked()  # the dispatcher has heard of it: the queue is full
+    assert not broker.dispatcher.has_room(1)
+    given_back_at: list[float] = []
+    with pytest.raises(RequestError) as refused:
+        await broker.submit([trioq.JobSpec("noop", {})], before_waiting=lambda: given_back_at.append(trio.current_time()))
+    assert refused.value.code is ErrorCode.BUSY
+    assert given_back_at == [pytest.approx(trio.current_time() - 30)]  # at once, not after the wait
+
+
+async def test_a_submit_refused_for_its_size_is_answered_while_the_budget_is_spent(autojump_clock, nursery):
+    broker = memory_broker(max_uncommitted=10, max_batch=5, allow_unknown_tasks=True)
+    await broker.start_core(nursery)
+    held = broker.submit_budget.take_nowait(10)
+    log: list = []
+    with trio.fail_after(1):  # no commit is coming to give the budget back
+        await _producer(broker, nursery, "p", 6, log)
+    assert sorted((kind, code or "") for _, kind, code, _ in log) == [("Error", ErrorCode.TOO_LARGE.value), ("StatusReply", "")]
+    broker.submit_budget.give(held)

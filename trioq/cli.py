@@ -164,7 +164,7 @@ def main() -> None:
 @click.option("--max-connections", default=1024, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_CONNECTIONS", show_default=True, help="Connections beyond it are closed at once.")
 @click.option("--max-errors", default=20, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_ERRORS", show_default=True, help="Refused requests on one connection before it is closed.")
 @click.option("--max-queued", default=2_000_000, type=click.IntRange(1, 100_000_000), envvar="TRIOQ_MAX_QUEUED", show_default=True, help="Unfinished jobs held before producers are slowed.")
-@click.option("--max-uncommitted", default=20_000, type=click.IntRange(1, 10_000_000), envvar="TRIOQ_MAX_UNCOMMITTED", show_default=True, help="Submitted jobs held between their frame and their commit, all producers together; past it, producers' connections are not read until commits catch up (bounds the broker's memory).")
+@click.option("--max-uncommitted", default=20_000, type=click.IntRange(1, 10_000_000), envvar="TRIOQ_MAX_UNCOMMITTED", show_default=True, help="Submitted jobs held between their frame and their commit, all producers together; past it, producers' connections are not read until commits catch up (bounds that part of the broker's memory, plus one decoded SUBMIT per waiting connection).")
 @click.option("--max-worker-losses", default=5, type=click.IntRange(1, 1000), envvar="TRIOQ_MAX_WORKER_LOSSES", show_default=True)
 @click.option("--result-ttl", default=7 * 24 * 3600.0, type=click.FloatRange(0), envvar="TRIOQ_RESULT_TTL", show_default=True, help="Seconds finished jobs are kept.")
 @click.option("--http/--no-http", default=True, envvar="TRIOQ_HTTP", show_default=True, help="Serve the REST API and dashboard.")

@@ -6,6 +6,11 @@ held 40,000 of them at once, and put a broker with a million jobs queued 90 MiB 
 resting size. Sessions take their SUBMIT's jobs from this budget before serving it and give
 them back when it is answered; while it is spent they stop reading, so the next frames wait
 in the sockets (TCP's own back-pressure), not in the broker's memory.
+
+A SUBMIT that will be refused at once, or that must wait for room under --max-queued, holds
+none of it (sessions._takes_budget, Broker.submit's before_waiting): waits on the budget last
+as long as commits take, not 30 s. While a session waits it does not see its peer leave; a
+SUBMIT whose producer is gone by then is still stored, as one whose ACK was lost would be.
 """
 
 from __future__ import annotations
@@ -87,3 +92,25 @@ class JobBudget:
 
     def statistics(self) -> JobBudgetStatistics:
         return JobBudgetStatistics(self.total, self.free, len(self._waiting))
+
+
+class BudgetShare:
+    """One request's jobs from a budget, given back exactly once (the request may end, or
+    start waiting for room under --max-queued, first)."""
+
+    __slots__ = ("budget", "jobs")
+
+    def __init__(self, budget: JobBudget) -> None:
+        self.budget = budget
+        self.jobs = 0
+
+    async def take(self, jobs: int) -> None:
+        try:  # no trip through the scheduler while the budget has room
+            self.jobs = self.budget.take_nowait(jobs)
+        except trio.WouldBlock:
+            self.jobs = await self.budget.take(jobs)
+
+    def give_back(self) -> None:
+        jobs, self.jobs = self.jobs, 0
+        if jobs:
+            self.budget.give(jobs)

@@ -495,13 +495,23 @@ class Broker:
 
     # --- operations (used by sessions, the HTTP API and tests) -----------------------------
 
-    async def submit(self, specs: list[JobSpec], *, owner: str | None = None, frame_size: int | None = None) -> tuple[list[str], list[bool]]:
+    async def submit(
+        self, specs: list[JobSpec], *, owner: str | None = None, frame_size: int | None = None,
+        before_waiting: Callable[[], None] | None = None,
+    ) -> tuple[list[str], list[bool]]:
+        """Validate, store and queue jobs; the ids once they are committed.
+
+        ``before_waiting`` is called if the jobs must wait for room under ``max_queued``
+        (a session gives back its share of the submit budget there).
+        """
         validate_specs(specs, self)
         # A frame of n bytes nests at most n/2 deep: small frames need no depth check.
         if frame_size is None or frame_size > 2 * MAX_PAYLOAD_DEPTH:
             check_payload_depth(specs)
         d = self.dispatcher
         if not d.has_room(self.config.max_queued):
+            if before_waiting is not None:
+                before_waiting()
             with trio.move_on_after(BACKPRESSURE_WAIT):
                 await d.wait_room(self.config.max_queued)
             if not d.has_room(self.config.max_queued):

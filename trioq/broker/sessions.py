@@ -13,6 +13,7 @@ import logging
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -60,6 +61,7 @@ from ..protocol.messages import (
     Welcome,
     fits_in_frames,
 )
+from .budget import BudgetShare
 from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, WorkerSlot
 
 if TYPE_CHECKING:
@@ -168,33 +170,44 @@ class ProducerSession(Session):
             # session's other requests (max_waits bounds how many there are).
             nursery.start_soon(self._serve, handler, msg, None, req, None, size)
             return
-        budgeted = 0
-        if type(msg) is Submit:
-            # Not another frame is read while the broker holds its fill of uncommitted jobs.
-            budget = self.broker.submit_budget
-            try:
-                budgeted = budget.take_nowait(len(msg.jobs))
-            except trio.WouldBlock:
-                budgeted = await budget.take(len(msg.jobs))
+        borrower = object()
+        try:  # no trip through the scheduler while the limiter has room
+            limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            await limiter.acquire_on_behalf_of(borrower)
+        share = None
         try:
-            borrower = object()
-            try:  # no trip through the scheduler while the limiter has room
-                limiter.acquire_on_behalf_of_nowait(borrower)
-            except trio.WouldBlock:
-                await limiter.acquire_on_behalf_of(borrower)
-            nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size, budgeted)
-        except BaseException:  # the jobs never reached _serve, which gives them back
-            if budgeted:
-                self.broker.submit_budget.give(budgeted)
+            if type(msg) is Submit and self._takes_budget(msg):
+                # Not another frame is read while the broker holds its fill of uncommitted
+                # jobs (the last await before the request is handed over to _serve).
+                share = BudgetShare(self.broker.submit_budget)
+                await share.take(len(msg.jobs))
+            nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size, share)
+        except BaseException:  # never handed over: _serve would have given both back
+            limiter.release_on_behalf_of(borrower)
+            if share is not None:
+                share.give_back()
             raise
+
+    def _takes_budget(self, msg: Submit) -> bool:
+        """A SUBMIT that will be refused at once (too large, empty, malformed) or that would
+        wait for room under --max-queued holds no jobs' worth of the budget: it must neither
+        wait behind others' commits for its error nor keep them waiting for its 30 s."""
+        n = len(msg.jobs)
+        if n == 0 or n > self.broker.config.max_batch or (msg.wait and n != 1):
+            return False
+        return self.broker.dispatcher.has_room(self.broker.config.max_queued)
 
     async def _serve(
         self, handler, msg: Message, limiter: trio.CapacityLimiter | None, req: int | None, borrower: object, size: int,
-        budgeted: int = 0,
+        share: BudgetShare | None = None,
     ) -> None:
         try:
             try:
-                await handler(self, msg, size)
+                if share is None:
+                    await handler(self, msg, size)
+                else:
+                    await handler(self, msg, size, share)
             except RequestError as exc:
                 self.refuse(exc.code, exc.message, req)
             except StoreError as exc:
@@ -207,23 +220,27 @@ class ProducerSession(Session):
         finally:
             if limiter is not None:
                 limiter.release_on_behalf_of(borrower)
-            if budgeted:
-                self.broker.submit_budget.give(budgeted)
+            if share is not None:
+                share.give_back()
 
-    async def _submit(self, msg: Submit, size: int = 0) -> None:
+    async def _submit(self, msg: Submit, size: int = 0, share: BudgetShare | None = None) -> None:
+        # A SUBMIT that has to wait for room under --max-queued gives its budget back first.
+        give_back = share.give_back if share is not None else None
         if msg.wait:
-            await self._submit_and_wait(msg, size)
+            await self._submit_and_wait(msg, size, give_back)
             return
-        ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
+        ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size, before_waiting=give_back)
         self.conn.send_nowait(Ack(msg.req, ids, existing))
 
-    async def _submit_and_wait(self, msg: Submit, size: int) -> None:
+    async def _submit_and_wait(self, msg: Submit, size: int, before_waiting: Callable[[], None] | None) -> None:
         """One job: an ACK once it is stored, then its final state; a WAIT fewer than SUBMIT, WAIT."""
         if len(msg.jobs) != 1:
             raise RequestError(ErrorCode.INVALID_FIELD, "a SUBMIT with wait takes exactly one job @ $.jobs")
         self._take_wait()  # refused before anything is stored
         try:
-            ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size)
+            ids, existing = await self.broker.submit(
+                msg.jobs, owner=self.owner, frame_size=size, before_waiting=before_waiting,
+            )
         except BaseException:
             self.waits -= 1
             raise
