@@ -86,6 +86,13 @@ async def test_metrics_parse_and_agree_with_stats(nursery: trio.Nursery) -> None
     workers = {s[1]["status"]: s[2] for s in fams["trioq_workers"]}
     assert workers["idle"] == 1 and workers["busy"] == 0
     assert sum(workers.values()) == stats["workers"]["total"] == 1
+    # every SUBMIT was answered, so the budget of uncommitted jobs is whole again
+    assert fams["trioq_uncommitted_jobs_limit"][0][2] == broker.config.max_uncommitted
+    assert fams["trioq_uncommitted_jobs"][0][2] == 0 and fams["trioq_submits_waiting_for_budget"][0][2] == 0
+    held = broker.submit_budget.take_nowait(7)  # as while 7 jobs are being committed
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert parse((await c.get("/metrics")).text)["trioq_uncommitted_jobs"][0][2] == 7
+    broker.submit_budget.give(held)
 
     # every dispatch is in the latency histogram; every finished attempt in the run time one
     dispatch = fams["trioq_dispatch_latency_seconds"]

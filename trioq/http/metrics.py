@@ -342,6 +342,16 @@ class Metrics:
         for task in sorted(self.run_time):
             _histogram(out, "trioq_run_time_seconds", f'task="{_label(task)}"', self.run_time[task])
 
+        budget = broker.submit_budget.statistics()
+        family(
+            "trioq_uncommitted_jobs", "gauge",
+            "Submitted jobs between their frame and their commit (of --max-uncommitted).",
+        )
+        out.append(f"trioq_uncommitted_jobs {budget.total - budget.free}")
+        family("trioq_uncommitted_jobs_limit", "gauge", "--max-uncommitted.")
+        out.append(f"trioq_uncommitted_jobs_limit {budget.total}")
+        family("trioq_submits_waiting_for_budget", "gauge", "SUBMITs whose connections are not read until commits catch up.")
+        out.append(f"trioq_submits_waiting_for_budget {budget.waiting}")
         family("trioq_store_healthy", "gauge", "1 when the store accepts writes.")
         out.append(f"trioq_store_healthy {1 if broker.writer.healthy else 0}")
         family("trioq_uptime_seconds", "gauge", "Seconds since the broker started.")
