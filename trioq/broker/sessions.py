@@ -14,6 +14,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -182,8 +183,9 @@ class ProducerSession(Session):
                 # jobs (the last await before the request is handed over to _serve).
                 share = BudgetShare(self.broker.submit_budget)
                 await share.take(len(msg.jobs))
-            nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size, share)
-        except BaseException:  # never handed over: _serve would have given both back
+                handler = partial(handler, share=share)  # _submit gives it back, however it ends
+            nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size)
+        except BaseException:  # never handed over: _serve and _submit would have given both back
             limiter.release_on_behalf_of(borrower)
             if share is not None:
                 share.give_back()
@@ -200,14 +202,10 @@ class ProducerSession(Session):
 
     async def _serve(
         self, handler, msg: Message, limiter: trio.CapacityLimiter | None, req: int | None, borrower: object, size: int,
-        share: BudgetShare | None = None,
     ) -> None:
         try:
             try:
-                if share is None:
-                    await handler(self, msg, size)
-                else:
-                    await handler(self, msg, size, share)
+                await handler(self, msg, size)
             except RequestError as exc:
                 self.refuse(exc.code, exc.message, req)
             except StoreError as exc:
@@ -220,17 +218,20 @@ class ProducerSession(Session):
         finally:
             if limiter is not None:
                 limiter.release_on_behalf_of(borrower)
-            if share is not None:
-                share.give_back()
 
     async def _submit(self, msg: Submit, size: int = 0, share: BudgetShare | None = None) -> None:
-        # A SUBMIT that has to wait for room under --max-queued gives its budget back first.
+        # Its share of the submit budget goes back once it is answered, or sooner if it has
+        # to wait for room under --max-queued.
         give_back = share.give_back if share is not None else None
-        if msg.wait:
-            await self._submit_and_wait(msg, size, give_back)
-            return
-        ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size, before_waiting=give_back)
-        self.conn.send_nowait(Ack(msg.req, ids, existing))
+        try:
+            if msg.wait:
+                await self._submit_and_wait(msg, size, give_back)
+                return
+            ids, existing = await self.broker.submit(msg.jobs, owner=self.owner, frame_size=size, before_waiting=give_back)
+            self.conn.send_nowait(Ack(msg.req, ids, existing))
+        finally:
+            if give_back is not None:
+                give_back()
 
     async def _submit_and_wait(self, msg: Submit, size: int, before_waiting: Callable[[], None] | None) -> None:
         """One job: an ACK once it is stored, then its final state; a WAIT fewer than SUBMIT, WAIT."""
