@@ -13,9 +13,10 @@ import pytest
 import trio
 import trio.testing
 
+from trioq.broker.budget import JobBudgetStatistics
 from trioq.broker.server import Broker
 from trioq.http.app import create_app, dashboard_dir
-from trioq.job import JobState
+from trioq.job import JobSpec, JobState
 from trioq.worker.registry import Fatal, Registry
 from trioq.worker.runner import Worker
 
@@ -572,3 +573,46 @@ async def test_sse_coalesces_job_bursts(mock_clock: trio.testing.MockClock) -> N
         assert 9.0 <= t_last - t0 <= 11.0
         sse.disconnected.set()
         await sse.done.wait()
+
+
+async def test_an_http_submit_counts_in_the_budget_of_uncommitted_jobs(env: Env):
+    """Like a producer's SUBMIT, it waits while other submits hold the whole budget."""
+    budget = env.broker.submit_budget
+    held = budget.take_nowait(budget.total)
+    answered: list[int] = []
+
+    async def post() -> None:
+        r = await env.client.post("/api/submit", json={"task": "noop"}, headers=AUTH)
+        answered.append(r.status_code)
+
+    env.nursery.start_soon(post)
+    await trio.testing.wait_all_tasks_blocked()
+    assert answered == [] and env.broker.dispatcher.submitted == 0
+    assert budget.statistics().waiting == 1
+    budget.give(held)
+    with trio.fail_after(5):
+        while not answered:
+            await trio.testing.wait_all_tasks_blocked()
+    assert answered == [201] and env.broker.dispatcher.submitted == 1
+    assert budget.statistics() == JobBudgetStatistics(budget.total, budget.total, 0)
+
+
+async def test_an_http_submit_waiting_for_room_holds_no_budget(nursery, autojump_clock):
+    broker = memory_broker(http_token=TOKEN, max_queued=1, max_uncommitted=1)
+    await broker.start_core(nursery)
+    await broker.submit([JobSpec("noop", {})])  # the broker is full; no worker takes it
+    transport = httpx.ASGITransport(app=create_app(broker))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        answered: list[httpx.Response] = []
+
+        async def post() -> None:
+            answered.append(await client.post("/api/submit", json={"task": "noop"}, headers=AUTH))
+
+        nursery.start_soon(post)
+        await trio.sleep(1)
+        # It waits for room, and the budget's one job is free for others meanwhile.
+        assert answered == [] and broker.submit_budget.statistics() == JobBudgetStatistics(1, 1, 0)
+        await trio.sleep(60)
+        assert len(answered) == 1 and answered[0].status_code == 503
+        assert answered[0].json()["error"]["code"] == "busy"
+    assert broker.submit_budget.statistics() == JobBudgetStatistics(1, 1, 0)

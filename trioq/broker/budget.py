@@ -7,6 +7,8 @@ resting size. Sessions take their SUBMIT's jobs from this budget before serving 
 them back when it is answered; while it is spent they stop reading, so the next frames wait
 in the sockets (TCP's own back-pressure), not in the broker's memory.
 
+The HTTP API's submits (one job each) take from the same budget.
+
 A SUBMIT that will be refused at once, or that must wait for room under --max-queued, holds
 none of it (sessions._takes_budget, Broker.submit's before_waiting): waits on the budget last
 as long as commits take, not 30 s. While a session waits it does not see its peer leave; a

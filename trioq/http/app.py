@@ -29,6 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 import trioq
 
+from ..broker.budget import BudgetShare
 from ..broker.server import worker_view
 from ..broker.sessions import RequestError
 from ..errors import ErrorCode, StoreError
@@ -338,12 +339,20 @@ class HttpApi:
             spec = converter.structure(body, JobSpec)
         except Exception as exc:  # cattrs raises validation error groups and more
             raise ApiError(422, "invalid_field", describe_structure_error(exc)) from None
+        broker = self.broker
+        # Counted with the producers' SUBMITs in the budget of uncommitted jobs; like theirs,
+        # a submit that will wait for room under --max-queued holds none of it.
+        share = BudgetShare(broker.submit_budget)
         try:
-            ids, existing = await self.broker.submit([spec])
+            if broker.dispatcher.has_room(broker.config.max_queued):
+                await share.take(1)
+            ids, existing = await broker.submit([spec], before_waiting=share.give_back)
         except RequestError as exc:
             raise self.refused(exc) from None
         except StoreError as exc:
             raise ApiError(503, "busy", f"not accepted, the store is failing: {exc}") from None
+        finally:
+            share.give_back()
         # In order with the SUBMIT event: the job as the dispatcher holds it (scheduled, queued...).
         job = await self.broker._call(self.broker.dispatcher.live.get, ids[0])
         if job is None:  # an idempotency match that has finished already
