@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioq.broker.dispatcher import RetryPolicy
+from trioq.broker.dispatcher import LEAVE, RetryPolicy
 from trioq.job import ErrorInfo, JobSpec, JobState
 from trioq.protocol.messages import Abort
 
@@ -206,3 +206,41 @@ async def test_credits_bound_what_a_worker_holds(autojump_clock, nursery):
     w.complete(first[0])
     nxt = await w.next_delivery()
     assert nxt.payload["n"] == 3
+
+
+async def test_a_worker_session_that_has_ended_is_sent_nothing_while_its_leave_waits(autojump_clock):
+    """On a busy broker a session's LEAVE can wait in the dispatcher's inbox behind other
+    events (it applies 10,000 of them per pump). Meanwhile the session must be sent nothing:
+    its lease nursery is closed, and a job with a timeout made start_soon fail there, which
+    took the whole broker down. Here the LEAVE is held back to make that window certain."""
+    broker = memory_broker()
+    d = broker.dispatcher
+    held: list[tuple] = []
+    post = d.post
+
+    def post_holding_leaves(*event: object) -> None:
+        if event[0] == LEAVE:
+            held.append(event)
+        else:
+            post(*event)
+
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        await broker.submit([JobSpec("noop", timeout=30)])
+        w = await FakeWorker.connect(broker, nursery, name="w", concurrency=2, heartbeat=None)
+        first = await w.next_delivery()
+        await broker.set_paused("default", True)
+        ids, _ = await broker.submit([JobSpec("noop", timeout=30)])  # waits in a paused queue
+        d.post = post_holding_leaves  # type: ignore[method-assign]
+        await w.conn.aclose()  # the worker goes; its session ends, its LEAVE is held back
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(held) == 1 and not held[0][1].alive
+        await broker.set_paused("default", False)  # the job is free to go, the slot has credit
+        await trio.testing.wait_all_tasks_blocked()
+        job = d.live[ids[0]]
+        assert job.state is JobState.QUEUED and job.attempts == 0  # not sent to the ended session
+        post(*held[0])  # the LEAVE arrives at last
+        await trio.testing.wait_all_tasks_blocked()
+        assert d.live[first.id].worker_losses == 1 and d.live[first.id].state is JobState.QUEUED
+        assert job.worker_losses == 0 and not d.workers
+        nursery.cancel_scope.cancel()

@@ -506,7 +506,9 @@ class Dispatcher:
             wid = rotation[0]
             rotation.rotate(-1)
             slot = self.workers[wid]
-            if slot.draining or slot.credit <= 0:
+            # A session that has ended (its LEAVE still behind other events) takes nothing:
+            # its leases' nursery is closed, and jobs sent there were never seen by a worker.
+            if slot.draining or not slot.alive or slot.credit <= 0:
                 continue
             keys = self._line_keys(slot)
             if not keys:

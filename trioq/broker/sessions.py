@@ -441,6 +441,9 @@ class WorkerSession(Session):
                     reason = f"protocol error: {exc}"
                     fatal = exc
                 finally:
+                    # Before the lease nursery closes: from here on the dispatcher sends
+                    # this session nothing, however long its LEAVE waits in the inbox.
+                    slot.alive = False
                     leases.cancel_scope.cancel()
         finally:
             slot.alive = False
