@@ -252,6 +252,50 @@ async def test_backpressure_holds_the_fourth_submit(autojump_clock, nursery):
         assert info.value.code == "busy" and trio.current_time() - t1 == pytest.approx(30.0)
 
 
+async def test_room_wakes_every_submit_waiting_for_it(autojump_clock, nursery):
+    """Room for all of them: every waiting SUBMIT goes on at once, not one of them and the
+    others after their 30 s."""
+    broker = await started_broker(nursery, max_queued=10)
+    async with client(broker, nursery) as c:
+        first = await c.submit_many([trioq.JobSpec("noop", queue="held") for _ in range(10)])  # full
+        took: list[float] = []
+
+        async def producer() -> None:
+            t0 = trio.current_time()
+            await c.submit("noop", queue="held")
+            took.append(trio.current_time() - t0)
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(producer)
+            await trio.sleep(1)
+            assert took == []  # all three wait for room
+            for job_id in first[:5]:  # room for five
+                await c.cancel(job_id)
+        assert took == [pytest.approx(1.0)] * 3
+
+
+async def test_submits_read_together_stay_within_max_queued(autojump_clock, nursery):
+    """Jobs being committed count against the limit: 30 SUBMITs of 10 sent at once under a
+    limit of 25 store 30 jobs (the limit passed by at most one batch), the rest answered busy."""
+    broker = await started_broker(nursery, max_queued=25)
+    accepted: list[int] = []
+    busy: list[str] = []
+    async with client(broker, nursery) as c:
+
+        async def batch() -> None:
+            try:
+                accepted.append(len(await c.submit_many([trioq.JobSpec("noop", queue="held") for _ in range(10)])))
+            except trioq.RemoteError as exc:
+                busy.append(exc.code)
+
+        async with trio.open_nursery() as n:
+            for _ in range(30):
+                n.start_soon(batch)
+    assert accepted == [10, 10, 10] and busy == ["busy"] * 27
+    assert len(broker.dispatcher.live) == 30 and broker.dispatcher.reserved == 0
+
+
 async def test_result_timeout_raises_timeout_error(autojump_clock, nursery):
     broker = await started_broker(nursery)
     await start_worker(broker, nursery, "w")

@@ -282,6 +282,8 @@ class Dispatcher:
         self._lines: dict[tuple[str, str], _Line] = {}
         self._scheduled: list[tuple[float, int, int, Job]] = []
         self.live: dict[str, Job] = {}  # every unfinished job by id
+        #: jobs between Broker.submit's check for room and their SUBMIT event (being committed)
+        self.reserved = 0
         #: unfinished jobs by (owner, idempotency key): each credential has keys of its own,
         #: so one producer's key can neither find nor block another's job
         self.idempotency: dict[tuple[str | None, str], Job] = {}
@@ -396,7 +398,7 @@ class Dispatcher:
         if tag == OUTCOME:
             self.outcome_nowait(event[1], event[2])
         elif tag == SUBMIT:
-            self.submit_nowait(event[1])
+            self.submit_nowait(*event[1:])
         elif tag == JOIN:
             self.join_nowait(event[1])
         elif tag == LEAVE:
@@ -450,8 +452,11 @@ class Dispatcher:
             heapq.heappop(self._scheduled)
         return self._scheduled[0][0] if self._scheduled else None
 
-    def submit_nowait(self, jobs: list[Job]) -> None:
-        """Accepted (and committed) jobs join the line."""
+    def submit_nowait(self, jobs: list[Job], reserved: bool = False) -> None:
+        """Accepted (and committed) jobs join the line; ``reserved``: counted in ``reserved``
+        since Broker.submit found room for them, and now in ``live`` instead."""
+        if reserved:
+            self.reserved -= len(jobs)
         for job in jobs:
             self.live[job.id] = job
             if job.idempotency_key:
@@ -729,12 +734,23 @@ class Dispatcher:
         (self.paused.add if paused else self.paused.discard)(queue)
 
     def has_room(self, limit: int) -> bool:
-        return len(self.live) < limit
+        """Fewer than ``limit`` unfinished jobs, counting those being committed (``reserved``):
+        SUBMITs read together cannot all pass the check before the first of them is stored,
+        so the limit is passed by at most one SUBMIT's batch."""
+        return len(self.live) + self.reserved < limit
+
+    def unreserve(self, n: int) -> None:
+        """Jobs counted by ``reserved`` that will not be stored after all (a failed commit)."""
+        self.reserved -= n
+        if not self._room.is_set():
+            self._room.set()
 
     async def wait_room(self, limit: int) -> None:
         """Backpressure: wait until fewer than ``limit`` unfinished jobs are held."""
-        while len(self.live) >= limit:
-            self._room = trio.Event()
+        while not self.has_room(limit):
+            # One event for every waiter: room wakes them all, and each checks again.
+            if self._room.is_set():
+                self._room = trio.Event()
             await self._room.wait()
 
     # --- views --------------------------------------------------------------------------

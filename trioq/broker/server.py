@@ -547,10 +547,12 @@ class Broker:
             # The dispatcher hears of the jobs from the writer task, the moment they are
             # committed: a turn of the scheduler sooner than this task could tell it, and
             # even if this task is cancelled. Shielded: a failed commit must free its keys.
+            d.reserved += len(jobs)  # no await since the check for room: they count from here
             with trio.CancelScope(shield=True):
                 try:
-                    await self.writer.write(jobs, new=True, committed=partial(d.post, SUBMIT, jobs))
+                    await self.writer.write(jobs, new=True, committed=partial(d.post, SUBMIT, jobs, True))
                 except StoreError:
+                    d.unreserve(len(jobs))
                     for key in claimed:
                         d.idempotency.pop(key, None)
                     raise
