@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 from functools import partial
 
 import attrs
@@ -21,7 +22,7 @@ from trioq.errors import ErrorCode, StoreError
 from trioq.job import ErrorInfo, Job, JobSpec, JobState, Progress
 from trioq.store.memory import MemoryStore
 from trioq.store.sqlite import _COLUMNS, SCHEMA_VERSION, SQLiteStore
-from trioq.store.writer import StoreWriter
+from trioq.store.writer import StoreWriter, _Request
 
 from .conftest import FakeWorker, memory_connect
 
@@ -846,3 +847,73 @@ def test_a_database_reached_through_a_symlink_grows_the_wal_beside_the_real_file
     assert (real / "j.db-wal").stat().st_size == linked.wal_presize_bytes
     assert not (tmp_path / "link.db-wal").exists()
     linked.close_sync()
+
+
+class _GatedStore(MemoryStore):
+    """Commits in a thread that waits for the test's go-ahead."""
+
+    inline = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def commit_sync(self, inserts, updates, tasks=()) -> None:
+        self.gate.wait(10)
+        super().commit_sync(inserts, updates, tasks)
+
+
+async def test_a_stopping_writer_answers_every_write_left_in_its_channel():
+    """Callers wait for their commit inside shields (Broker.submit): a request the cancelled
+    writer never answered kept the broker from stopping. New jobs left behind are dropped and
+    their callers told; changes to stored jobs are kept for the final flush. Real clock: the
+    commit runs in a real thread."""
+    store = _GatedStore()
+    writer = StoreWriter(store)
+    answers: dict[str, str] = {}
+
+    async def write(name: str, job: Job, new: bool) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await writer.write([job], new=new)
+                answers[name] = "committed"
+            except StoreError as exc:
+                answers[name] = str(exc)
+            return
+        answers[name] = "never answered"
+
+    stored = make_job(1, state=JobState.COMPLETED)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        nursery.start_soon(write, "first", make_job(2), True)  # its commit goes to the thread
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(write, "second", make_job(3), True)  # waits in the channel behind it
+        nursery.start_soon(write, "update", stored, False)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()  # the broker stops
+        store.gate.set()
+    assert answers["first"] == "committed"
+    assert answers["second"] == answers["update"] == "store write failed: the broker is stopping"
+    with pytest.raises(StoreError, match="stopping"):
+        await writer.write([make_job(4)], new=True)  # a writer that is gone waits for nobody
+    assert writer.flush_sync() == 1  # the change to a stored job, not the unacknowledged new one
+    assert store.get_sync(stored.id) is stored and store.get_sync(make_job(3).id) is None
+
+
+async def test_a_writer_cancelled_before_its_commit_begins_answers_the_batch_it_took():
+    store = _GatedStore()
+    store.gate.set()
+    writer = StoreWriter(store)
+    stored = make_job(1, state=JobState.COMPLETED)
+    new = _Request([make_job(2)], True, trio.Event())
+    update = _Request([stored], False, trio.Event())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits for work
+        writer._send.send_nowait(new)
+        writer._send.send_nowait(update)
+        nursery.cancel_scope.cancel()  # before it runs again: its commit's thread never starts
+    assert new.done.is_set() and update.done.is_set()
+    assert str(new.error) == str(update.error) == "the broker is stopping"
+    assert writer.flush_sync() == 1  # the change to a stored job, not the unacknowledged new one
+    assert store.get_sync(stored.id) is stored and store.get_sync(make_job(2).id) is None

@@ -60,6 +60,8 @@ class StoreWriter:
         self.healthy = True
         #: callbacks([(job, state as committed)]) after each successful commit
         self.on_commit: list = []
+        self._stopped = False
+        self._pending_tasks: set[str] = set()  # task names of requests dropped by _stop
 
     async def write(
         self, jobs: list[Job], *, new: bool = False, tasks: Iterable[str] = (), committed: Callable[[], object] | None = None,
@@ -69,6 +71,8 @@ class StoreWriter:
         ``committed`` runs in the writer task as soon as the commit succeeds, a turn of the
         scheduler before the caller wakes, and whether or not the caller is still waiting.
         """
+        if self._stopped:
+            raise StoreError("store write failed: the broker is stopping")
         req = _Request(jobs, new, trio.Event(), tasks=tuple(tasks), committed=committed)
         self._send.send_nowait(req)
         assert req.done is not None
@@ -95,7 +99,8 @@ class StoreWriter:
         """At shutdown: write whatever is still queued, synchronously; returns rows written."""
         pending: dict[str, Job] = self._dirty
         self._dirty = {}
-        tasks: set[str] = set()
+        tasks: set[str] = self._pending_tasks
+        self._pending_tasks = set()
         while True:
             try:
                 req = self._recv.receive_nowait()
@@ -116,6 +121,35 @@ class StoreWriter:
 
     async def run(self, *, task_status: trio.TaskStatus[StoreWriter] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started(self)
+        try:
+            await self._run()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        """The writer is gone (the broker is stopping): nobody may wait for it any more.
+
+        Callers of write() wait inside shields, so a request left in the channel would keep
+        the broker from ever stopping. New jobs not yet committed are dropped and their
+        callers told so (no ACK was sent for them); changes to stored jobs go to _dirty,
+        for flush_sync.
+        """
+        self._stopped = True
+        error = StoreError("the broker is stopping")
+        while True:
+            try:
+                req = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if not req.new:
+                for job in req.jobs:
+                    self._dirty[job.id] = job
+            self._pending_tasks.update(req.tasks)
+            if req.done is not None:
+                req.error = error
+                req.done.set()
+
+    async def _run(self) -> None:
         recv = self._recv
         store = self.store
         while True:
@@ -191,9 +225,18 @@ class StoreWriter:
             await trio.sleep(0.05)
             return
         except BaseException:
-            # Cancelled before the commit began (the broker is stopping): nothing was written,
-            # so everything goes back for flush_sync, or a clean stop would lose these rows.
-            self._dirty.update(pending)
+            # Cancelled before the commit began (the broker is stopping): nothing was written.
+            # Changes to stored jobs go back for flush_sync, or a clean stop would lose them;
+            # new jobs go as those left in the channel do (see _stop), their callers told.
+            for job_id, job in pending.items():
+                if job_id not in new:
+                    self._dirty[job_id] = job
+            self._pending_tasks.update(tasks)
+            stopping = StoreError("the broker is stopping")
+            for req in batch:
+                if req.done is not None:
+                    req.error = stopping
+                    req.done.set()
             raise
         if not self.healthy:
             log.warning("store writes succeed again")
