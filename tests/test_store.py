@@ -917,3 +917,42 @@ async def test_a_writer_cancelled_before_its_commit_begins_answers_the_batch_it_
     assert str(new.error) == str(update.error) == "the broker is stopping"
     assert writer.flush_sync() == 1  # the change to a stored job, not the unacknowledged new one
     assert store.get_sync(stored.id) is stored and store.get_sync(make_job(2).id) is None
+
+
+@pytest.mark.parametrize("stored", [True, False])
+async def test_a_key_that_names_a_job_being_stored_is_answered_after_its_commit(stored: bool):
+    """Producer B's SUBMIT names, by its idempotency key, the job producer A's SUBMIT is still
+    committing: B's ACK waits for that commit, and if the commit fails B is told to try again
+    (its ACK came first, naming a job that was never stored). Real clock: a real thread."""
+    store = _GatedStore()
+    broker = Broker(BrokerConfig(http=False, db=":memory:"), store=store, seed=1)
+    answers: dict[str, object] = {}
+    both = trio.Event()
+
+    async def submit(name: str) -> None:
+        try:
+            answers[name] = await broker.submit([JobSpec("noop", idempotency_key="order-42")])
+        except (RequestError, StoreError) as exc:
+            answers[name] = type(exc).__name__
+        if len(answers) == 2:
+            both.set()
+
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        nursery.start_soon(submit, "a")
+        await trio.testing.wait_all_tasks_blocked()  # A's commit waits in its thread
+        nursery.start_soon(submit, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == {}  # B is not answered before A's job is stored
+        if not stored:
+            store.fail_writes = OSError("No space left on device")
+        store.gate.set()
+        with trio.fail_after(10):
+            await both.wait()
+        nursery.cancel_scope.cancel()
+    if stored:
+        (a_ids, a_existing), (b_ids, b_existing) = answers["a"], answers["b"]
+        assert b_ids == a_ids and (a_existing, b_existing) == ([False], [True])
+        assert store.get_sync(a_ids[0]) is not None
+    else:
+        assert answers == {"a": "StoreError", "b": "RequestError"}

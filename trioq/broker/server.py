@@ -67,6 +67,14 @@ RECENT_JOBS = 50_000
 MAX_NAME = 200  # characters in a HELLO name
 
 
+@attrs.define(eq=False)
+class _KeyedCommit:
+    """The commit of one SUBMIT's jobs, for other SUBMITs that name them by key."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    stored: bool = False
+
+
 @attrs.frozen
 class BrokerHandle:
     """What ``nursery.start(broker.serve)`` returns once the broker accepts connections."""
@@ -155,6 +163,9 @@ class Broker:
         self.worker_sessions: dict[str, WorkerSession] = {}
         self._waiters: dict[str, list[Callable[[Job], None]]] = {}
         self._retrying: set[str] = set()  # job ids with a retry request in progress
+        #: keyed jobs whose commit is under way, by id: a SUBMIT that names one by its key is
+        #: answered only once that commit is over (an ACK for a job never stored is a lie)
+        self._storing: dict[str, _KeyedCommit] = {}
         #: jobs whose final state was committed lately: answers waits without a store read,
         #: and closes the race between a store read and the commit that ends the job
         self._recent: OrderedDict[str, Job] = OrderedDict()
@@ -522,11 +533,16 @@ class Broker:
         existing = [False] * len(specs)
         fresh_specs: list[JobSpec] = []
         fresh_pos: list[int] = []
+        matched_storing: list[_KeyedCommit] = []
         for i, spec in enumerate(specs):
             key = spec.idempotency_key
             if key is not None and (owner, key) in d.idempotency:
-                ids[i] = d.idempotency[owner, key].id
+                match = d.idempotency[owner, key]
+                ids[i] = match.id
                 existing[i] = True
+                storing = self._storing.get(match.id)
+                if storing is not None:
+                    matched_storing.append(storing)
             else:
                 fresh_specs.append(spec)
                 fresh_pos.append(i)
@@ -548,6 +564,10 @@ class Broker:
             # committed: a turn of the scheduler sooner than this task could tell it, and
             # even if this task is cancelled. Shielded: a failed commit must free its keys.
             d.reserved += len(jobs)  # no await since the check for room: they count from here
+            commit = _KeyedCommit()
+            keyed = [job.id for job in jobs if job.idempotency_key is not None]
+            for job_id in keyed:
+                self._storing[job_id] = commit
             with trio.CancelScope(shield=True):
                 try:
                     await self.writer.write(jobs, new=True, committed=partial(d.post, SUBMIT, jobs, True))
@@ -556,8 +576,21 @@ class Broker:
                     for key in claimed:
                         d.idempotency.pop(key, None)
                     raise
+                else:
+                    commit.stored = True
+                finally:
+                    for job_id in keyed:
+                        del self._storing[job_id]
+                    commit.done.set()
                 for obs in self.observers:
                     obs("submitted", jobs)
+        for storing in matched_storing:  # another SUBMIT's job, named by its key
+            await storing.done.wait()
+            if not storing.stored:
+                raise RequestError(
+                    ErrorCode.BUSY,
+                    "the job this idempotency key names was being stored when the store failed; try again",
+                )
         return ids, existing  # type: ignore[return-value]
 
     async def get_job(self, job_id: str, *, owner: str | None = None) -> Job | None:
