@@ -616,3 +616,18 @@ async def test_an_http_submit_waiting_for_room_holds_no_budget(nursery, autojump
         assert len(answered) == 1 and answered[0].status_code == 503
         assert answered[0].json()["error"]["code"] == "busy"
     assert broker.submit_budget.statistics() == JobBudgetStatistics(1, 1, 0)
+
+
+async def test_a_retry_while_the_store_fails_is_busy_and_says_it_is_kept(env: Env):
+    body = await submit(env, task="noop", queue="held")
+    r = await env.client.post(f"/api/jobs/{body['id']}/cancel", headers=AUTH)
+    assert r.status_code == 200
+    env.broker.store.fail_writes = OSError("No space left on device")
+    try:
+        r = await env.client.post(f"/api/jobs/{body['id']}/retry", headers=AUTH)
+    finally:
+        env.broker.store.fail_writes = None
+    assert r.status_code == 503
+    error = r.json()["error"]
+    assert error["code"] == "busy" and "is made and is stored when it recovers" in error["message"]
+    assert env.broker.dispatcher.live[body["id"]].state is JobState.QUEUED

@@ -342,3 +342,18 @@ async def test_graceful_stop_finishes_what_fits_and_hands_back_the_rest(autojump
         assert trio.current_time() - t0 == pytest.approx(35.0)
         assert done.failures == 0 and done.worker_losses == 0 and done.error is None
         assert broker.dispatcher.requeued == 1 and broker.dispatcher.failed == 0
+
+
+async def test_a_retried_job_is_named_by_its_idempotency_key_again(autojump_clock, nursery):
+    broker = memory_broker()
+    await broker.start_core(nursery)
+    (first,), _ = await broker.submit([trioq.JobSpec("noop", queue="held", idempotency_key="order-7")])
+    await broker.cancel_job(first)
+    await broker.retry_job(first)
+    assert await broker.submit([trioq.JobSpec("noop", idempotency_key="order-7")]) == ([first], [True])
+    # A newer job that took the key while the first was finished keeps it through a retry.
+    await broker.cancel_job(first)
+    (newer,), _ = await broker.submit([trioq.JobSpec("noop", queue="held", idempotency_key="order-7")])
+    await broker.retry_job(first)
+    assert newer != first
+    assert await broker.submit([trioq.JobSpec("noop", idempotency_key="order-7")]) == ([newer], [True])

@@ -956,3 +956,23 @@ async def test_a_key_that_names_a_job_being_stored_is_answered_after_its_commit(
         assert store.get_sync(a_ids[0]) is not None
     else:
         assert answers == {"a": "StoreError", "b": "RequestError"}
+
+
+async def test_a_job_retried_after_dying_on_its_first_attempt_is_stored_as_retried(nursery, autojump_clock, tmp_path):
+    """The row of a job back in line after one attempt must not keep that attempt's failure:
+    lists read it, and a restart would give the job one attempt fewer."""
+    store = SQLiteStore(tmp_path / "q.db")
+    broker = Broker(BrokerConfig(http=False, db=str(tmp_path / "q.db"), dispatch_mark_delay=0),
+                    store=store, now=trio.current_time, seed=1)
+    await broker.start_core(nursery)
+    fw = await FakeWorker.connect(broker, nursery, name="w", tasks=("noop",))
+    (job_id,), _ = await broker.submit([JobSpec("noop", max_attempts=3)])
+    d = await fw.next_delivery()
+    fw.fail(d, ErrorInfo("ValueError", "bad input", "", False))  # not retryable: dead at attempt 1
+    job = await broker.wait_job(job_id)
+    assert job.state is JobState.DEAD and job.attempts == 1
+    await broker.set_paused("default", True)  # it stays in line after the retry
+    await broker.retry_job(job_id)
+    row = await trio.to_thread.run_sync(store.get_sync, job_id)
+    assert (row.state, row.failures, row.error, row.dead_reason) == (JobState.QUEUED, 0, None, None)
+    assert [j.id for j in (await broker.list_jobs(state=JobState.QUEUED)).jobs] == [job_id]

@@ -721,6 +721,11 @@ class Dispatcher:
         job.run_at = None
         job.error = None
         self.live[job.id] = job
+        key = (job.owner, job.idempotency_key)
+        if job.idempotency_key and key not in self.idempotency:
+            # Unfinished again, so its key names it again; a newer job that took the key
+            # meanwhile keeps it.
+            self.idempotency[key] = job
         self._enqueue(job)
         self.on_change([job])
 

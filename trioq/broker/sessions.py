@@ -209,7 +209,10 @@ class ProducerSession(Session):
             except RequestError as exc:
                 self.refuse(exc.code, exc.message, req)
             except StoreError as exc:
-                self.refuse(ErrorCode.BUSY, f"not accepted, the store is failing: {exc}", req)
+                if type(msg) is Submit:
+                    self.refuse(ErrorCode.BUSY, f"not accepted, the store is failing: {exc}", req)
+                else:  # a change to a stored job: made, and committed again until it is stored
+                    self.refuse(ErrorCode.BUSY, f"the store is failing ({exc}); the change is made and is stored when it recovers", req)
         except ConnectionLost:
             pass
         except ProtocolError as exc:  # too many errors: close the connection

@@ -375,6 +375,11 @@ class HttpApi:
                 job = await broker.discard_job(job_id)
         except RequestError as exc:
             raise self.refused(exc) from None
+        except StoreError as exc:
+            # The change is made and kept: the writer commits it again until the store recovers.
+            raise ApiError(
+                503, "busy", f"the store is failing ({exc}); the {action} is made and is stored when it recovers",
+            ) from None
         return JSONResponse(job_json(job))
 
     async def queue_action(self, request: Request, pause: bool) -> Response:

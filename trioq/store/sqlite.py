@@ -451,9 +451,14 @@ class SQLiteStore(Store):
     def update_row(self, job: Job) -> tuple:
         err = job.error
         prog = job.progress
-        if job.attempts == 1 and not job.failures and not job.worker_losses and err is None and job.dead_reason is None:
+        if (
+            job.attempts == 1 and not job.failures and not job.worker_losses and err is None
+            and job.dead_reason is None and job.state is not JobState.QUEUED
+        ):
             # A first attempt that has not failed: the columns left out still hold what the
             # insert wrote, so fewer values are bound (the common case of a job finishing).
+            # Not a job back in line after one attempt (a retry by request): its row still
+            # holds that attempt's failure, which the full form clears.
             return (
                 job.state, job.attempts, job.started_at, job.finished_at, job.worker,
                 None if job.result is None else _dumps(job.result),
