@@ -246,3 +246,33 @@ async def test_a_tooslowerror_of_the_tasks_own_is_its_failure_not_the_workers(nu
     )
     assert (failed.state, failed.error.type, failed.worker_losses) == (JobState.DEAD, "TooSlowError", 0)
     assert (ok.state, ok.result) == (JobState.COMPLETED, 7)
+
+
+async def test_a_sync_job_past_its_timeout_holds_up_no_other(nursery):
+    """Its thread runs on (Python cannot stop it) but holds no place: with concurrency 1 the
+    jobs sent after it start and finish, instead of waiting for that thread inside their own
+    timeouts and dying of them without having started. Real clock: with real threads the mock
+    clock would jump past the quick jobs' timeouts while their threads run."""
+    release = threading.Event()
+    started: list[int] = []
+
+    def stuck() -> None:
+        release.wait(15)  # a C call that ignores everything
+
+    def quick(i: int) -> int:
+        started.append(i)
+        return i
+
+    reg = Registry()
+    reg.register_task("stuck", stuck)
+    reg.register_task("quick", quick)
+    specs = [trioq.JobSpec("stuck", timeout=0.2, max_attempts=1)] + [
+        trioq.JobSpec("quick", {"i": i}, timeout=5, max_attempts=2) for i in range(3)
+    ]
+    try:
+        stuck_job, *quick_jobs = await run_all(nursery, reg, specs, concurrency=1)
+    finally:
+        release.set()
+    assert stuck_job.state is JobState.DEAD and "timeout" in stuck_job.error.message
+    assert [(j.state, j.result, j.attempts) for j in quick_jobs] == [(JobState.COMPLETED, i, 1) for i in range(3)]
+    assert started == [0, 1, 2]

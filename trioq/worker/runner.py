@@ -223,7 +223,12 @@ class Worker:
         self._outbox: list[Outcome] = []
         self._outbox_sizes: list[int] = []  # an upper bound of each outcome's encoded size
         self._flush = trio.Event()
-        self._limiter = trio.CapacityLimiter(concurrency)
+        # Sync tasks' threads. The broker's credit bounds the jobs running; the threads of
+        # jobs past their timeout run on (Python cannot stop a thread) and must not hold a
+        # place the next job needs, so this limiter counts nothing but keeps them off
+        # trio's default one (40 threads for the whole process).
+        self._threads = trio.CapacityLimiter(math.inf)
+        self.abandoned_threads = 0
         self._conn: FramedConnection | None = None
         self.completed = 0
         self.failed = 0
@@ -478,7 +483,7 @@ class Worker:
                             value = await info.fn(*args, **kwargs)
                         else:
                             value = await trio.to_thread.run_sync(
-                                lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter
+                                lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._threads
                             )
                 result, size = _jsonable(value)
                 if size > MAX_RESULT_BYTES:
@@ -491,6 +496,12 @@ class Worker:
                 if d.timeout is None:  # the task's own fail_after, not the job's timeout
                     outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=True))
                 else:
+                    if info is not None and not info.is_async:
+                        self.abandoned_threads += 1
+                        log.warning(
+                            "job %s: task %s ran past its timeout of %gs; its thread is left running "
+                            "(%d left so far by this worker)", d.id, d.task, d.timeout, self.abandoned_threads,
+                        )
                     outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
                         "TimeoutError", f"task {d.task} ran longer than its timeout of {d.timeout:g}s", "", True))
             except Fatal as exc:
