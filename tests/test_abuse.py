@@ -37,6 +37,7 @@ from trioq.protocol.messages import (
     Ack,
     Dispatch,
     Error,
+    GetJob,
     Hello,
     Message,
     Outcome,
@@ -52,6 +53,7 @@ from trioq.protocol.messages import (
 from trioq.store.sqlite import SQLiteStore
 from trioq.tls import CertPaths, client_context, server_context
 
+from .conftest import memory_broker
 from .test_security import expect_fatal, open_raw, say_hello
 
 HEADER = struct.Struct(">I")
@@ -1018,3 +1020,37 @@ async def test_a_result_nested_too_deeply_fails_its_job_not_the_writer(
         assert broker.writer.healthy
     got = await trio.to_thread.run_sync(broker.store.get_sync, first)
     assert got is not None and got.state is JobState.DEAD
+
+
+async def test_a_producer_that_does_not_read_its_answers_is_not_read_from(nursery, autojump_clock):
+    """Its requests wait in the stream once the answers not yet written pass --max-frame: the
+    broker does not hold every answer (3,000 GETs of a 20 KB job were 60 MB). When it reads
+    again, every answer comes. Real back-pressure: lockstep streams buffer nothing."""
+    broker = memory_broker(max_frame=64 * 1024)
+    await broker.start_core(nursery)
+    (job_id,), _ = await broker.submit([JobSpec("noop", {"blob": "x" * 20_000}, queue="held")])
+    made: list[FramedConnection] = []
+
+    def keep(stream, **kw) -> FramedConnection:
+        conn = FramedConnection(stream, **kw)
+        made.append(conn)
+        return conn
+
+    client, server = trio.testing.lockstep_stream_pair()  # a socket's back-pressure, no buffer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("trioq.broker.server.FramedConnection", keep)
+        nursery.start_soon(broker.serve_connection, server, "slow-reader")
+        conn = FramedConnection(client)
+        nursery.start_soon(conn.run_writer)
+        conn.send_nowait(Hello(PROTOCOL_VERSION, "producer", "p"))
+        await conn.receive()  # WELCOME; from here on nothing is read for a while
+    nursery.start_soon(client.send_all, b"".join(frame(GetJob(i, job_id)) for i in range(1, 3001)))
+    await trio.sleep(5)
+    (broker_side,) = made
+    # --max-frame of answers, and those of the requests already being served (at most 256)
+    # when it was passed: under 300 answers of about 20 KB, not 3,000.
+    assert 64 * 1024 < broker_side.queued_bytes < 300 * 20_500
+    answers = [await conn.receive() for _ in range(3000)]
+    assert sorted(a.req for a in answers) == list(range(1, 3001))
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker_side.queued_bytes == 0

@@ -137,14 +137,20 @@ class ProducerSession(Session):
         limiter = trio.CapacityLimiter(256)
         self.waits = 0
         self._fatal: ProtocolError | None = None
+        conn = self.conn
+        # Answers not yet written, past which no further request is read: a producer that
+        # does not read its answers must not make the broker hold them without bound.
+        unsent = self.broker.config.max_frame
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
                 while True:
-                    msg = await self.conn.receive()
+                    msg = await conn.receive()
                     while msg is not None:
+                        if conn.queued_bytes > unsent:
+                            await conn.wait_queued_below(unsent)
                         await self._dispatch(nursery, limiter, msg)
-                        msg = self.conn.receive_nowait()
+                        msg = conn.receive_nowait()
             except ConnectionLost:
                 pass
             except ProtocolError as exc:

@@ -50,6 +50,10 @@ class FramedConnection:
         self.last_size = 0  # body size of the frame returned last
         self.bytes_in = 0
         self.bytes_out = 0
+        #: bytes handed to send_nowait/send and not yet written to the stream
+        self.queued_bytes = 0
+        self._drained: trio.Event | None = None
+        self._drained_below = 0
 
     # --- reading (one reader task at a time) ---------------------------------
 
@@ -107,16 +111,31 @@ class FramedConnection:
     # --- writing --------------------------------------------------------------
 
     def send_nowait(self, msg: Message) -> None:
+        data = frame(msg)
         try:
-            self._out_send.send_nowait(frame(msg))
+            self._out_send.send_nowait(data)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ConnectionLost("connection is closing") from None
+        self.queued_bytes += len(data)
 
     async def send(self, msg: Message) -> None:
+        data = frame(msg)
         try:
-            await self._out_send.send(frame(msg))
+            await self._out_send.send(data)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ConnectionLost("connection is closing") from None
+        self.queued_bytes += len(data)
+
+    async def wait_queued_below(self, limit: int) -> None:
+        """Until at most ``limit`` bytes wait to be written: a peer that sends requests and
+        does not read the answers is not read from either (one waiter at a time)."""
+        while self.queued_bytes > limit:
+            if self._writer_done.is_set():
+                raise ConnectionLost("connection is closing")
+            if self._drained is None:
+                self._drained = trio.Event()
+            self._drained_below = limit
+            await self._drained.wait()
 
     def close_after_flush(self) -> None:
         """No more messages: the writer sends what is queued, then ends."""
@@ -154,10 +173,16 @@ class FramedConnection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise ConnectionLost(f"connection broken while sending: {exc!r}") from None
                 self.bytes_out += len(data)
+                self.queued_bytes -= len(data)
+                if self._drained is not None and self.queued_bytes <= self._drained_below:
+                    self._drained.set()
+                    self._drained = None
                 if done:
                     return
         finally:
             self._writer_done.set()
+            if self._drained is not None:
+                self._drained.set()
 
     async def wait_flushed(self) -> None:
         await self._writer_done.wait()
