@@ -8,6 +8,7 @@ import trio.testing
 
 import trioq
 from trioq.job import JobState
+from trioq.protocol.messages import WaitJob
 from trioq.worker.registry import Fatal, Registry
 
 from .conftest import memory_broker, memory_connect
@@ -374,3 +375,22 @@ async def test_the_purge_removes_everything_past_the_ttl_in_one_run(autojump_clo
     await trio.sleep(30)  # the purge at 120 s
     assert broker.store.list_sync(limit=10).jobs == []
     assert broker.stats()["jobs"]["cancelled"] == 0
+
+
+async def test_a_result_that_times_out_ends_its_wait_on_the_broker_too(autojump_clock, nursery):
+    """Polling a long job with short timeouts: each wait ends on the broker at its timeout,
+    so the polls never use up the connection's waits (they were refused busy after max_waits)."""
+    broker = memory_broker(max_waits=5)
+    await broker.start_core(nursery)
+    async with client(broker, nursery) as c:
+        job_id = await c.submit("noop", queue="held")  # nobody serves it
+        for _ in range(10):
+            t0 = trio.current_time()
+            with pytest.raises(TimeoutError, match="did not finish within 1"):
+                await c.result(job_id, timeout=1)
+            assert trio.current_time() - t0 == pytest.approx(1.0)  # the broker's answer, at once
+        await trio.testing.wait_all_tasks_blocked()
+        assert not broker._waiters.get(job_id)
+        with pytest.raises(trioq.RemoteError) as info:  # a timeout must be a number of seconds
+            await c._request(WaitJob(99, job_id, -1.0))
+        assert info.value.code == "invalid_field"

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from .errors import ConnectionLost, JobNotFound, ProtocolError, RemoteError, TrioqError
+from .errors import ConnectionLost, ErrorCode, JobNotFound, ProtocolError, RemoteError, TrioqError
 from .job import DEFAULT_PRIORITY, DEFAULT_QUEUE, Job, JobSpec
 from .protocol.connect import StreamFactory, open_session, tcp_tls_factory
 from .protocol.framing import FramedConnection
@@ -236,12 +236,21 @@ class Client:
         return ids
 
     async def result(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109 - the documented API
-        """Wait until the job is final and return it; TimeoutError after ``timeout``."""
+        """Wait until the job is final and return it; TimeoutError after ``timeout``.
+
+        The broker is told the timeout too (where it takes it), so that a wait given up on
+        here does not go on there until the job ends."""
+        told = timeout is not None and self.welcome is not None and self.welcome.wait_timeout
         try:
-            with trio.fail_after(math.inf if timeout is None else timeout):
-                reply = await self._request(WaitJob(next(self._ids), job_id))
+            # A moment longer than the broker's own end of the wait, which answers first.
+            with trio.fail_after(math.inf if timeout is None else timeout + (1.0 if told else 0.0)):
+                reply = await self._request(WaitJob(next(self._ids), job_id, timeout if told else None))
         except trio.TooSlowError:
             raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
+        except RemoteError as exc:
+            if told and exc.code == ErrorCode.TIMEOUT.value:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
+            raise
         assert isinstance(reply, JobReply)
         return reply.job
 

@@ -429,6 +429,7 @@ class Broker:
                 max_frame=cfg.max_frame,
                 max_batch=cfg.max_batch,
                 submit_wait=True,
+                wait_timeout=True,
             )
         )
         if hello.role == "worker":

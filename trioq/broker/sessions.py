@@ -295,10 +295,17 @@ class ProducerSession(Session):
 
     async def _wait_taken(self, msg: WaitJob, _size: int = 0) -> None:
         """Answer once the job is final; the wait was counted by whoever called."""
+        timeout = msg.timeout
+        if timeout is not None and not timeout >= 0:
+            self.waits -= 1
+            raise RequestError(ErrorCode.INVALID_FIELD, "timeout must be a number of seconds, 0 or more @ $.timeout")
         try:
-            job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
+            with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+                job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
         finally:
             self.waits -= 1
+        if scope.cancelled_caught:
+            raise RequestError(ErrorCode.TIMEOUT, f"job {msg.id} did not finish within {timeout:g}s")
         if job is None:  # no such job, or (an idempotency key matched) one this session may not read
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))

@@ -77,6 +77,8 @@ class Welcome(Message):
     max_batch: int
     #: the broker answers a SUBMIT with ``wait`` (older brokers do not say so, and do not)
     submit_wait: bool = False
+    #: the broker ends a WAIT after its ``timeout`` (older brokers do not take the field)
+    wait_timeout: bool = False
 
 
 @message("error")
@@ -128,10 +130,12 @@ class ListJobs(Message):
 
 @message("wait")
 class WaitJob(Message):
-    """Ask to be told when a job ends; answered by JOB when it is terminal."""
+    """Ask to be told when a job ends; answered by JOB when it is terminal, or by ERROR
+    ``timeout`` after ``timeout`` seconds (a wait a client gave up on ends on the broker too)."""
 
     req: int
     id: str
+    timeout: float | None = None
 
 
 @message("cancel")
