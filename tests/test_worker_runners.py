@@ -276,3 +276,65 @@ async def test_a_sync_job_past_its_timeout_holds_up_no_other(nursery):
     assert stuck_job.state is JobState.DEAD and "timeout" in stuck_job.error.message
     assert [(j.state, j.result, j.attempts) for j in quick_jobs] == [(JobState.COMPLETED, i, 1) for i in range(3)]
     assert started == [0, 1, 2]
+
+
+def _nested(depth: int) -> list:
+    x: list = []
+    for _ in range(depth - 1):
+        x = [x]
+    return x
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("str fails")
+
+
+def _exits() -> None:
+    raise SystemExit(3)
+
+
+async def _exits_async() -> None:
+    raise SystemExit(4)
+
+
+def _interrupts() -> None:
+    raise KeyboardInterrupt
+
+
+def _unprintable() -> None:
+    raise _Unprintable
+
+
+@pytest.mark.parametrize("depth", [251, 254, 300])
+async def test_a_result_nested_too_deeply_for_the_frame_fails_its_job_not_the_worker(nursery, autojump_clock, depth):
+    """orjson writes 254 levels; a RESULT frame adds 3 around the value. A value that fit alone
+    but not in the frame ended the worker process (and, under a supervisor, every job it held)."""
+    reg = Registry()
+    reg.register_task("deep", lambda: _nested(depth), inline=True)
+    reg.register_task("quick", lambda: "fine", inline=True)
+    deep, quick = await run_all(nursery, reg, [trioq.JobSpec("deep"), trioq.JobSpec("quick")], concurrency=2)
+    assert deep.state is JobState.DEAD and deep.attempts == 1 and deep.dead_reason == "not_retryable"
+    assert "cannot be sent as JSON" in deep.error.message and deep.worker_losses == 0
+    assert quick.state is JobState.COMPLETED and quick.result == "fine"
+
+
+async def test_tasks_that_exit_or_fail_to_describe_themselves_fail_their_jobs_not_the_worker(nursery):
+    """sys.exit() in a task, KeyboardInterrupt raised by a sync task's own code, an exception
+    whose __str__ raises: each ended the worker process. Real clock: real threads."""
+    reg = Registry()
+    reg.register_task("exits", _exits)
+    reg.register_task("exits_async", _exits_async)
+    reg.register_task("interrupts", _interrupts)
+    reg.register_task("unprintable", _unprintable)
+    reg.register_task("quick", lambda: "fine")
+    specs = [trioq.JobSpec(t, max_attempts=1) for t in ("exits", "exits_async", "interrupts", "unprintable", "quick")]
+    exits, exits_async, interrupts, unprintable, quick = await run_all(nursery, reg, specs, concurrency=1)
+    assert (exits.state, exits.error.type, exits.error.message) == (JobState.DEAD, "TaskExit", "the task raised SystemExit(3)")
+    assert (exits_async.state, exits_async.error.type) == (JobState.DEAD, "SystemExit")
+    assert (interrupts.state, interrupts.error.type) == (JobState.DEAD, "TaskExit")
+    assert unprintable.state is JobState.DEAD and unprintable.error.type == "_Unprintable"
+    assert unprintable.error.message == "<str() of the _Unprintable failed: ValueError>"
+    assert quick.state is JobState.COMPLETED and all(
+        j.worker_losses == 0 for j in (exits, exits_async, interrupts, unprintable, quick)
+    )

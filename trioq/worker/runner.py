@@ -20,6 +20,7 @@ import types
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator
 from contextvars import Context, copy_context
+from functools import partial
 from typing import Any, TypeVar
 
 import attrs
@@ -483,7 +484,8 @@ class Worker:
                             value = await info.fn(*args, **kwargs)
                         else:
                             value = await trio.to_thread.run_sync(
-                                lambda: info.fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._threads
+                                partial(_call_in_thread, info.fn, args, kwargs), abandon_on_cancel=True,
+                                limiter=self._threads,
                             )
                 result, size = _jsonable(value)
                 if size > MAX_RESULT_BYTES:
@@ -504,7 +506,7 @@ class Worker:
                         )
                     outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
                         "TimeoutError", f"task {d.task} ran longer than its timeout of {d.timeout:g}s", "", True))
-            except Fatal as exc:
+            except (Fatal, SystemExit) as exc:  # sys.exit() in a task ends the task, not the worker
                 outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=False))
             except Exception as exc:
                 outcome = Outcome(d.id, d.attempt, False, error=_error(exc, retryable=True))
@@ -590,8 +592,29 @@ def _bind(info: Any, payload: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def _error(exc: BaseException, *, retryable: bool) -> ErrorInfo:
-    tb = "".join(traceback.format_exception(exc))
-    return ErrorInfo(type(exc).__name__, str(exc)[:2000], tb[-8000:], retryable)
+    # A task's exception is the task's code: its __str__ or __repr__ may fail too, and that
+    # must fail the job, not the worker.
+    try:
+        message = str(exc)[:2000]
+    except Exception as inner:
+        message = f"<str() of the {type(exc).__name__} failed: {type(inner).__name__}>"
+    try:
+        tb = "".join(traceback.format_exception(exc))
+    except Exception:
+        tb = ""
+    return ErrorInfo(type(exc).__name__, message, tb[-8000:], retryable)
+
+
+class TaskExit(Fatal):
+    """A sync task raised SystemExit or KeyboardInterrupt in its thread: the task ended,
+    the worker goes on."""
+
+
+def _call_in_thread(fn: Any, args: Any, kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise TaskExit(f"the task raised {type(exc).__name__}({exc})") from exc
 
 
 #: A result larger than this fails its job instead of overflowing the RESULT frame.
@@ -614,11 +637,16 @@ def _jsonable(value: Any) -> tuple[Any, int]:
         return value, len(value) * 6 + 2 if len(value) < _EXACT_FROM else len(orjson.dumps(value))
     if t is int:
         return (value, 20) if _I64_MIN <= value <= _U64_MAX else (str(value), len(str(value)) + 2)
+    # Measured inside 4 lists: the RESULT frame around it takes 3 more levels of nesting, and
+    # a value orjson writes alone but not inside the frame failed the whole worker.
     try:
-        return value, len(orjson.dumps(value))
+        return value, len(orjson.dumps([[[[value]]]])) - 8
     except TypeError:  # big ints, sets, objects: JSON of their nearest meaning
         coerced = _coerce(value)
-        return coerced, len(orjson.dumps(coerced))
+        try:
+            return coerced, len(orjson.dumps([[[[coerced]]]])) - 8
+        except TypeError as exc:  # nested too deeply for any frame
+            raise Fatal(f"the task's result cannot be sent as JSON: {exc}") from None
 
 
 def _coerce(value: Any) -> Any:
