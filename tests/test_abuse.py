@@ -365,6 +365,36 @@ async def test_a_4gib_frame_header_before_hello_and_in_a_worker_session(
     await env.ledger.check()
 
 
+async def test_before_its_hello_is_accepted_a_peer_may_send_only_a_small_frame(nursery, autojump_clock) -> None:
+    """A peer not yet authenticated could make the broker hold --max-frame (4 MiB) each by
+    sending all but the end of a HELLO; before HELLO the limit is 128 KiB, after it
+    --max-frame again."""
+    from trioq.broker.server import MAX_HELLO_FRAME
+
+    broker = memory_broker(max_frame=1024 * 1024)
+    await broker.start_core(nursery)
+
+    async def raw() -> FramedConnection:
+        client, server = trio.testing.memory_stream_pair()
+        nursery.start_soon(broker.serve_connection, server, "raw")
+        conn = FramedConnection(client, max_frame=8 * 1024 * 1024)
+        nursery.start_soon(conn.run_writer)
+        return conn
+
+    conn = await raw()
+    await conn.stream.send_all(HEADER.pack(MAX_HELLO_FRAME + 1) + b"{" * 1000)
+    err = await conn.receive()  # at once, not after the hello timeout
+    assert isinstance(err, Error) and err.fatal and err.code == "too_large"
+    assert f"over the limit of {MAX_HELLO_FRAME}" in err.message
+    conn = await raw()
+    conn.send_nowait(Hello(PROTOCOL_VERSION, "producer", "p"))
+    assert isinstance(await conn.receive(), Welcome)
+    body = encode(StatusRequest(7))[:-1] + b', "pad": "' + b"x" * (MAX_HELLO_FRAME * 2) + b'"}'  # extra keys are ignored
+    await conn.stream.send_all(HEADER.pack(len(body)) + body)
+    reply = await conn.receive()
+    assert isinstance(reply, StatusReply) and reply.req == 7
+
+
 async def test_random_bytes_before_and_after_hello(nursery: trio.Nursery, env: Env) -> None:
     max_frame = env.config().max_frame
     rng = random.Random(5)

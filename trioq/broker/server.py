@@ -406,6 +406,9 @@ class Broker:
     async def _session(self, conn: FramedConnection, peer: str, cert_role: str | None, cert_name: str | None = None) -> None:
         cfg = self.config
         hello = None
+        # Until HELLO is accepted the peer is nobody: it may make the broker hold one small
+        # frame, not --max-frame (a thousand half-sent 4 MiB HELLOs were 4 GiB).
+        conn.max_frame = min(cfg.max_frame, MAX_HELLO_FRAME)
         with trio.move_on_after(cfg.hello_timeout):
             hello = await conn.receive()
         if hello is None:
@@ -418,6 +421,7 @@ class Broker:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"role must be one of {', '.join(ROLES)}")
         owner = self._authenticate(hello, cert_role, cert_name)
         check_hello(hello)
+        conn.max_frame = cfg.max_frame
         session_id = secrets.token_hex(4)
         conn.send_nowait(
             Welcome(
@@ -779,6 +783,11 @@ class Broker:
 
     def workers(self) -> list[dict[str, Any]]:
         return [worker_view(s) for s in self.dispatcher.workers.values()]
+
+
+#: The largest HELLO read from a peer not yet authenticated (a worker announcing a thousand
+#: tasks with defaults sends some 60 KiB).
+MAX_HELLO_FRAME = 128 * 1024
 
 
 def check_hello(hello: Hello) -> None:
