@@ -185,6 +185,12 @@ def test_bad_payload_and_priority_are_refused_before_connecting(tmp_path):
     assert "--priority" in r.output and "0 is not in the range 1<=x<=10" in r.output
 
 
+def test_a_worker_with_a_bad_queue_name_is_refused_before_connecting(tmp_path):
+    r = CliRunner().invoke(main, ["worker", "--queues", "default,a b", "--broker", "127.0.0.1:1"])
+    assert r.exit_code == 2
+    assert "--queues" in r.output and "'a b': a queue name is 1-200 letters" in r.output
+
+
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     r = trioq_cmd(broker, "submit", "--demo", timeout=90)
     assert r.returncode == 0, r.stderr

@@ -17,7 +17,8 @@ import trio.testing
 
 import trioq
 from trioq.job import JobState
-from trioq.protocol.messages import Delivery, Result
+from trioq.protocol.framing import FramedConnection
+from trioq.protocol.messages import PROTOCOL_VERSION, Delivery, Result, Welcome
 from trioq.worker.builtin import register_builtins
 from trioq.worker.registry import Registry
 
@@ -338,3 +339,53 @@ async def test_tasks_that_exit_or_fail_to_describe_themselves_fail_their_jobs_no
     assert quick.state is JobState.COMPLETED and all(
         j.worker_losses == 0 for j in (exits, exits_async, interrupts, unprintable, quick)
     )
+
+
+async def test_a_worker_whose_own_configuration_is_refused_stops_instead_of_reconnecting(nursery, autojump_clock):
+    """The broker refuses a bad queue name before WELCOME, and the worker takes that as final:
+    it reconnected in a loop before (some 150 connections a second)."""
+    broker = memory_broker()
+    await broker.start_core(nursery)
+    connects = 0
+    connect = memory_connect(broker, nursery)
+
+    async def counting_connect() -> trio.abc.Stream:
+        nonlocal connects
+        connects += 1
+        return await connect()
+
+    worker = trioq.Worker(connect=counting_connect, registry=Registry(), name="w", queues=("a b",))
+    with pytest.raises(trioq.RemoteError) as info:
+        await worker.run()
+    assert info.value.code == "invalid_field" and "bad task or queue name 'a b'" in info.value.message
+    assert connects == 1 and not broker.dispatcher.workers
+    with pytest.raises(ValueError, match="1-200 letters"):
+        Registry().register_task("my task", lambda: None)
+
+
+async def test_sessions_that_end_soon_after_they_begin_are_retried_with_backoff(nursery, autojump_clock):
+    """A broker that closes each session right after WELCOME: the worker waits longer and
+    longer between them (0.1 s, doubling, up to 5 s) instead of reconnecting at once."""
+    sessions: list[float] = []
+
+    async def connect() -> trio.abc.Stream:
+        client, server = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            conn = FramedConnection(server)
+            nursery.start_soon(conn.run_writer)
+            await conn.receive()  # HELLO
+            sessions.append(trio.current_time())
+            conn.send_nowait(Welcome(PROTOCOL_VERSION, "s", "worker", 1.0, 10.0, 1 << 20, 100))
+            conn.close_after_flush()
+            await conn.wait_flushed()
+            await server.aclose()
+
+        nursery.start_soon(serve)
+        return client
+
+    worker = trioq.Worker(connect=connect, registry=Registry(), name="w")
+    with trio.move_on_after(30):
+        await worker.run()
+    gaps = [round(b - a, 1) for a, b in zip(sessions, sessions[1:], strict=False)]
+    assert gaps[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0] and len(sessions) < 15

@@ -18,7 +18,7 @@ import trio
 
 from . import __version__
 from .errors import ConnectError, JobNotFound, RemoteError, TrioqError
-from .job import MAX_PRIORITY, MIN_PRIORITY, Job, JobSpec, JobState
+from .job import MAX_PRIORITY, MIN_PRIORITY, NAME_RE, Job, JobSpec, JobState
 
 log = logging.getLogger("trioq")
 
@@ -273,6 +273,9 @@ def worker(**o: Any) -> None:
     queues = [q.strip() for q in o["queues"].split(",") if q.strip()]
     if not queues:
         raise click.BadParameter("name at least one queue", param_hint="--queues")
+    for q in queues:
+        if not NAME_RE.match(q):
+            raise click.BadParameter(f"{q!r}: a queue name is 1-200 letters, digits or _.:-", param_hint="--queues")
     ca = o["ca"] or str(Path(o["certs_dir"]) / "ca.pem")
     if not Path(ca).exists():
         fail(f"CA certificate {ca} not found: start the broker once (it creates certs/) or pass --ca")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import secrets
 from typing import Any
 
@@ -17,6 +18,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_WORKER_LOSSES = 5
 
 #: The demo tasks every worker has, kept from the system trioq replaces (plus noop).
+#: Task and queue names: they go into logs, metrics labels and the store unescaped.
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}\Z")  # \Z: no trailing newline
+
 BUILTIN_TASKS = ("reverse_string", "to_uppercase", "fibonacci", "is_prime", "slow_task", "noop")
 
 

@@ -56,6 +56,7 @@ from .sessions import (
     ProducerSession,
     RequestError,
     WorkerSession,
+    check_worker_hello,
     make_jobs,
     validate_specs,
 )
@@ -421,6 +422,8 @@ class Broker:
             raise ProtocolError(ErrorCode.INVALID_FIELD, f"role must be one of {', '.join(ROLES)}")
         owner = self._authenticate(hello, cert_role, cert_name)
         check_hello(hello)
+        if hello.role == "worker":
+            check_worker_hello(hello, cfg.max_concurrency)
         conn.max_frame = cfg.max_frame
         session_id = secrets.token_hex(4)
         conn.send_nowait(

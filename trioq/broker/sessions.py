@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
@@ -25,6 +24,7 @@ from ..job import (
     EMPTY_PAYLOAD,
     MAX_PRIORITY,
     MIN_PRIORITY,
+    NAME_RE,
     ErrorInfo,
     Job,
     JobSpec,
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioq.broker")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}\Z")  # \Z: no trailing newline
 _NO_DEFAULTS: dict[str, Any] = {}
 _GOOD_NAMES: set[str] = set()  # names that matched NAME_RE once (bounded below)
 
@@ -415,16 +414,22 @@ def make_jobs(specs: list[JobSpec], broker: Broker, owner: str | None, frame_siz
 # --- workers ---------------------------------------------------------------------------------
 
 
+def check_worker_hello(hello: Hello, max_concurrency: int) -> None:
+    """A worker's own configuration, refused before WELCOME: the same HELLO would be refused
+    again on every reconnect, so the worker is told at once and does not retry."""
+    if not 1 <= hello.concurrency <= max_concurrency:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"concurrency must be 1-{max_concurrency}")
+    for name in (*hello.tasks, *hello.queues):
+        if not NAME_RE.match(name):
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"bad task or queue name {name[:50]!r}")
+
+
 class WorkerSession(Session):
     async def run(self, task_status: trio.TaskStatus[WorkerSlot] = trio.TASK_STATUS_IGNORED) -> None:
         broker = self.broker
         cfg = broker.config
         hello = self.hello
-        if not 1 <= hello.concurrency <= cfg.max_concurrency:
-            raise ProtocolError(ErrorCode.INVALID_FIELD, f"concurrency must be 1-{cfg.max_concurrency}")
-        for name in (*hello.tasks, *hello.queues):
-            if not NAME_RE.match(name):
-                raise ProtocolError(ErrorCode.INVALID_FIELD, f"bad task or queue name {name!r}")
+        check_worker_hello(hello, cfg.max_concurrency)  # before WELCOME too; tests call run directly
         now = broker.now()
         self.slot = slot = WorkerSlot(
             id=self.id,

@@ -8,6 +8,8 @@ from typing import Any
 
 import attrs
 
+from ..job import NAME_RE
+
 
 class Fatal(Exception):
     """Raise from a task to fail its job for good: it is not retried."""
@@ -44,6 +46,8 @@ class Registry:
         thread: for functions that return in microseconds, where the hand-off to a thread and
         back costs more than the call. Nothing can interrupt it (a timeout included), and the
         worker does nothing else while it runs."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ValueError(f"task name {name!r}: 1-200 letters, digits or _.:- (the broker refuses others)")
         if not callable(fn):
             raise TypeError(f"task {name!r}: {fn!r} is not callable")
         if inline and inspect.iscoroutinefunction(fn):

@@ -270,14 +270,15 @@ class Worker:
             try:
                 conn, welcome = await open_session(self._connect, self._hello(), handshake_timeout=self.connect_timeout)
             except (ConnectError, RemoteError) as exc:
-                if not self.reconnect or (isinstance(exc, RemoteError) and exc.code in ("unauthenticated", "forbidden")):
+                # Refusals of this worker's own HELLO (its credential, names, version) would
+                # come again on every try: they end the worker instead of a reconnect loop.
+                if not self.reconnect or (isinstance(exc, RemoteError) and exc.code in _HELLO_REFUSALS):
                     raise
                 log.warning("worker %s cannot connect (%s); retrying in %.1fs", self.name, exc, delay)
                 with trio.move_on_after(delay):
                     await self._stopping.wait()
                 delay = min(delay * 2, 5.0)
                 continue
-            delay = 0.1
             self.session_count += 1
             if self.session_count > 1:
                 self.reconnects += 1
@@ -285,6 +286,7 @@ class Worker:
             if not started:
                 task_status.started(welcome)
                 started = True
+            began = trio.current_time()
             try:
                 await self._session(conn, welcome)
             finally:
@@ -293,7 +295,16 @@ class Worker:
             if not self.reconnect:
                 return
             if not self._stop_requested:
-                log.warning("worker %s lost its broker connection; reconnecting", self.name)
+                if trio.current_time() - began < SHORT_SESSION:
+                    # Ended soon after it began (the broker closed it, say for a frame it
+                    # refused): reconnecting at once would loop as fast as TLS allows.
+                    log.warning("worker %s lost its broker connection; reconnecting in %.1fs", self.name, delay)
+                    with trio.move_on_after(delay):
+                        await self._stopping.wait()
+                    delay = min(delay * 2, 5.0)
+                else:
+                    delay = 0.1
+                    log.warning("worker %s lost its broker connection; reconnecting", self.name)
 
     def _hello(self) -> Hello:
         defaults = {}
@@ -616,6 +627,11 @@ def _call_in_thread(fn: Any, args: Any, kwargs: Any) -> Any:
     except (SystemExit, KeyboardInterrupt) as exc:
         raise TaskExit(f"the task raised {type(exc).__name__}({exc})") from exc
 
+
+#: Error codes that refuse a worker's HELLO for what it is, not for the moment.
+_HELLO_REFUSALS = frozenset({"unauthenticated", "forbidden", "invalid_field", "version"})
+#: A session shorter than this (seconds) is followed by a backoff before the next one.
+SHORT_SESSION = 10.0
 
 #: A result larger than this fails its job instead of overflowing the RESULT frame.
 MAX_RESULT_BYTES = 1024 * 1024
