@@ -389,3 +389,24 @@ async def test_sessions_that_end_soon_after_they_begin_are_retried_with_backoff(
         await worker.run()
     gaps = [round(b - a, 1) for a, b in zip(sessions, sessions[1:], strict=False)]
     assert gaps[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0] and len(sessions) < 15
+
+
+async def test_results_and_errors_fit_a_broker_with_a_small_max_frame(nursery, autojump_clock):
+    """The worker sizes RESULT frames for the broker's --max-frame (WELCOME says it), not a
+    fixed 900 KiB: a 2 KB result under --max-frame 1024 ended the session, and the job and
+    its neighbours died of worker losses."""
+    reg = Registry()
+    reg.register_task("big", lambda: "x" * 2000, inline=True)
+    reg.register_task("small", lambda: "ok", inline=True)
+
+    def fails() -> None:
+        raise ValueError("y" * 5000)
+
+    reg.register_task("fails", fails, inline=True)
+    specs = [trioq.JobSpec("big"), trioq.JobSpec("small"), trioq.JobSpec("fails", max_attempts=1)]
+    big, small, failed = await run_all(nursery, reg, specs, concurrency=3, max_frame=1024)
+    assert big.state is JobState.DEAD and big.error.type == "ResultTooLarge" and big.worker_losses == 0
+    assert "returned 2002 bytes of JSON" in big.error.message
+    assert small.state is JobState.COMPLETED and small.result == "ok" and small.worker_losses == 0
+    assert failed.state is JobState.DEAD and failed.error.type == "ValueError" and failed.worker_losses == 0
+    assert failed.error.message.startswith("yyy") and len(failed.error.message) < 512

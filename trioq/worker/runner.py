@@ -229,6 +229,8 @@ class Worker:
         # place the next job needs, so this limiter counts nothing but keeps them off
         # trio's default one (40 threads for the whole process).
         self._threads = trio.CapacityLimiter(math.inf)
+        self._frame_budget = FRAME_BUDGET
+        self._outcome_room = MAX_RESULT_BYTES
         self.abandoned_threads = 0
         self._conn: FramedConnection | None = None
         self.completed = 0
@@ -325,6 +327,10 @@ class Worker:
 
     async def _session(self, conn: FramedConnection, welcome: Welcome) -> None:
         self._conn = conn
+        # RESULT frames are sized for this broker's --max-frame (WELCOME says it).
+        self._frame_budget = max(1024, min(FRAME_BUDGET, welcome.max_frame - 256))
+        # One outcome alone in its frame, a RESULT's envelope around it.
+        self._outcome_room = max(512, welcome.max_frame - OUTCOME_OVERHEAD - 256)
         self._outbox = []
         self._outbox_sizes = []
         lost: BaseException | None = None
@@ -386,13 +392,14 @@ class Worker:
             return
         batch, self._outbox = self._outbox, []
         sizes, self._outbox_sizes = self._outbox_sizes, []
-        if sum(sizes) <= FRAME_BUDGET:
+        budget = self._frame_budget
+        if sum(sizes) <= budget:
             conn.send_nowait(Result(batch))
             return
         chunk: list[Outcome] = []
         used = 0
         for outcome, size in zip(batch, sizes, strict=True):
-            if chunk and used + size > FRAME_BUDGET:
+            if chunk and used + size > budget:
                 conn.send_nowait(Result(chunk))
                 chunk, used = [], 0
             chunk.append(outcome)
@@ -499,10 +506,14 @@ class Worker:
                                 limiter=self._threads,
                             )
                 result, size = _jsonable(value)
-                if size > MAX_RESULT_BYTES:
+                limit = min(MAX_RESULT_BYTES, self._outcome_room)
+                if size > limit:  # an upper bound for short strings: measure before refusing
+                    size = len(orjson.dumps(result))
+                if size > limit:
                     outcome = Outcome(d.id, d.attempt, False, error=ErrorInfo(
                         "ResultTooLarge", f"task {d.task} returned {size} bytes of JSON; the limit is "
-                        f"{MAX_RESULT_BYTES}: store large results elsewhere and return a reference", "", False))
+                        f"{limit}: store large results elsewhere and return a reference", "", False))
+                    size = 0  # the result is not sent
                 else:
                     outcome = Outcome(d.id, d.attempt, True, result)
             except trio.TooSlowError as exc:
@@ -535,8 +546,16 @@ class Worker:
             self.completed += 1
         else:
             self.failed += 1
-        self._outbox.append(outcome)
         err = outcome.error
+        if err is not None:
+            room = self._outcome_room
+            if 2 * (len(err.type) + len(err.message) + len(err.traceback)) > room:
+                # Under a broker with a small --max-frame: the error is cut to fit its frame,
+                # the traceback first (a frame over the limit would end the session).
+                err.traceback = ""
+                err.type = err.type[: room // 8]
+                err.message = err.message[: max(0, room // 2 - len(err.type) - 16)]
+        self._outbox.append(outcome)
         self._outbox_sizes.append(
             OUTCOME_OVERHEAD + size + (2 * (len(err.type) + len(err.message) + len(err.traceback)) if err else 0)
         )
@@ -635,7 +654,7 @@ SHORT_SESSION = 10.0
 
 #: A result larger than this fails its job instead of overflowing the RESULT frame.
 MAX_RESULT_BYTES = 1024 * 1024
-#: RESULT frames stay under this (the broker accepts 4 MiB by default, 1 MiB at the least).
+#: RESULT frames stay under this, or under the broker's --max-frame if that is smaller.
 FRAME_BUDGET = 900 * 1024
 OUTCOME_OVERHEAD = 200
 
