@@ -7,6 +7,7 @@ local worker) serves the whole module; each test waits for its own jobs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from click.testing import CliRunner
 
+from trioq.broker.config import BrokerConfig
 from trioq.cli import main
 
 from .procs import BrokerProcess, free_port
@@ -189,6 +191,31 @@ def test_a_worker_with_a_bad_queue_name_is_refused_before_connecting(tmp_path):
     r = CliRunner().invoke(main, ["worker", "--queues", "default,a b", "--broker", "127.0.0.1:1"])
     assert r.exit_code == 2
     assert "--queues" in r.output and "'a b': a queue name is 1-200 letters" in r.output
+
+
+@pytest.mark.parametrize("args, hint, says", [
+    (["submit", "noop", "--delay", "inf"], "--delay", "'inf' is not a finite number of seconds"),
+    (["submit", "noop", "--timeout", "nan"], "--timeout", "'nan' is not a finite number of seconds"),
+    (["submit", "noop", "--wait", "--wait-timeout", "nan"], "--wait-timeout", "not a finite number"),
+    (["broker", "--heartbeat-interval", "nan"], "--heartbeat-interval", "not a finite number"),
+    (["broker", "--result-ttl", "inf"], "--result-ttl", "not a finite number"),
+    (["submit", "noop", "--payload", '{"x": NaN}'], "--payload", "NaN is not JSON"),
+    (["submit", "noop", "--payload", '{"x": 1e400}'], "--payload", "1e400 is out of range"),
+    (["submit", "noop", "--payload", '{"x": 100000000000000000000000000}'], "--payload", "not valid for a payload"),
+])
+def test_numbers_json_cannot_carry_are_refused_before_anything_starts(args, hint, says):
+    """nan and inf passed click's ranges: a job delayed by inf ran at once, a broker with a
+    heartbeat interval of nan refused every client, a payload's NaN became null."""
+    r = CliRunner().invoke(main, [*args, "--broker", "127.0.0.1:1"] if args[0] == "submit" else args)
+    assert r.exit_code == 2, r.output
+    assert hint in r.output and says in r.output
+
+
+def test_a_broker_config_with_nan_is_refused():
+    with pytest.raises(ValueError, match="heartbeat_interval must be a positive number of seconds"):
+        BrokerConfig(heartbeat_interval=math.nan).validate()
+    with pytest.raises(ValueError, match="lease_grace must be a finite number"):
+        BrokerConfig(lease_grace=math.inf).validate()
 
 
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import orjson
 import trio
 
 from . import __version__
@@ -31,6 +33,42 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+class Seconds(click.FloatRange):
+    """A FloatRange that refuses nan and inf: a delay of inf ran a job at once, a heartbeat
+    interval of nan started a broker that refused every client."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return rv
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a JSON number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_payload(text: str) -> Any:
+    """JSON as the broker takes it: no NaN or Infinity, numbers that fit (ints of 64 bits)."""
+    try:
+        payload = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        orjson.dumps(payload)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--payload") from None
+    except (ValueError, TypeError) as exc:
+        raise click.BadParameter(f"not valid for a payload: {exc}", param_hint="--payload") from None
+    return payload
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -152,12 +190,12 @@ def main() -> None:
 @click.option("--tasks", default=None, envvar="TRIOQ_TASKS", help="Task modules for local workers (comma separated).")
 @click.option("--task", "extra_tasks", multiple=True, help="Declare a task name accepted before any worker announces it.")
 @click.option("--allow-unknown-tasks", is_flag=True, envvar="TRIOQ_ALLOW_UNKNOWN_TASKS", help="Accept jobs for tasks no worker has announced.")
-@click.option("--heartbeat-interval", default=2.0, type=click.FloatRange(0.01, 3600), envvar="TRIOQ_HEARTBEAT_INTERVAL", show_default=True)
-@click.option("--heartbeat-timeout", default=10.0, type=click.FloatRange(0.05, 36000), envvar="TRIOQ_HEARTBEAT_TIMEOUT", show_default=True)
-@click.option("--handshake-timeout", default=10.0, type=click.FloatRange(0.1, 600), envvar="TRIOQ_HANDSHAKE_TIMEOUT", show_default=True, help="Seconds a new connection has to complete TLS.")
-@click.option("--hello-timeout", default=10.0, type=click.FloatRange(0.1, 600), envvar="TRIOQ_HELLO_TIMEOUT", show_default=True, help="Seconds after TLS before the client's HELLO must have arrived.")
-@click.option("--lease-grace", default=5.0, type=click.FloatRange(0, 3600), envvar="TRIOQ_LEASE_GRACE", show_default=True)
-@click.option("--dispatch-mark-delay", default=0.05, type=click.FloatRange(0, 60), envvar="TRIOQ_DISPATCH_MARK_DELAY", show_default=True, help="Journal a job's RUNNING mark this long after dispatch unless it ended first; 0 journals at once.")
+@click.option("--heartbeat-interval", default=2.0, type=Seconds(0.01, 3600), envvar="TRIOQ_HEARTBEAT_INTERVAL", show_default=True)
+@click.option("--heartbeat-timeout", default=10.0, type=Seconds(0.05, 36000), envvar="TRIOQ_HEARTBEAT_TIMEOUT", show_default=True)
+@click.option("--handshake-timeout", default=10.0, type=Seconds(0.1, 600), envvar="TRIOQ_HANDSHAKE_TIMEOUT", show_default=True, help="Seconds a new connection has to complete TLS.")
+@click.option("--hello-timeout", default=10.0, type=Seconds(0.1, 600), envvar="TRIOQ_HELLO_TIMEOUT", show_default=True, help="Seconds after TLS before the client's HELLO must have arrived.")
+@click.option("--lease-grace", default=5.0, type=Seconds(0, 3600), envvar="TRIOQ_LEASE_GRACE", show_default=True)
+@click.option("--dispatch-mark-delay", default=0.05, type=Seconds(0, 60), envvar="TRIOQ_DISPATCH_MARK_DELAY", show_default=True, help="Journal a job's RUNNING mark this long after dispatch unless it ended first; 0 journals at once.")
 @click.option("--max-frame", default=4 * 1024 * 1024, type=click.IntRange(1024, 1 << 30), envvar="TRIOQ_MAX_FRAME", show_default=True)
 @click.option("--max-batch", default=10_000, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_BATCH", show_default=True)
 @click.option("--max-payload", default=1024 * 1024, type=click.IntRange(16, 1 << 30), envvar="TRIOQ_MAX_PAYLOAD", show_default=True)
@@ -166,7 +204,7 @@ def main() -> None:
 @click.option("--max-queued", default=2_000_000, type=click.IntRange(1, 100_000_000), envvar="TRIOQ_MAX_QUEUED", show_default=True, help="Unfinished jobs held before producers are slowed.")
 @click.option("--max-uncommitted", default=20_000, type=click.IntRange(1, 10_000_000), envvar="TRIOQ_MAX_UNCOMMITTED", show_default=True, help="Submitted jobs held between their frame and their commit, all producers together; past it, producers' connections are not read until commits catch up (bounds that part of the broker's memory, plus one decoded SUBMIT per waiting connection).")
 @click.option("--max-worker-losses", default=5, type=click.IntRange(1, 1000), envvar="TRIOQ_MAX_WORKER_LOSSES", show_default=True)
-@click.option("--result-ttl", default=7 * 24 * 3600.0, type=click.FloatRange(0), envvar="TRIOQ_RESULT_TTL", show_default=True, help="Seconds finished jobs are kept.")
+@click.option("--result-ttl", default=7 * 24 * 3600.0, type=Seconds(0), envvar="TRIOQ_RESULT_TTL", show_default=True, help="Seconds finished jobs are kept.")
 @click.option("--http/--no-http", default=True, envvar="TRIOQ_HTTP", show_default=True, help="Serve the REST API and dashboard.")
 @click.option("--http-host", default="127.0.0.1", envvar="TRIOQ_HTTP_HOST", show_default=True)
 @click.option("--http-port", default=8080, type=click.IntRange(0, 65535), envvar="TRIOQ_HTTP_PORT", show_default=True)
@@ -259,7 +297,7 @@ def broker(**o: Any) -> None:
 @click.option("--tasks", default=None, envvar="TRIOQ_TASKS", help="Modules (or .py files) that register tasks, comma separated.")
 @click.option("--queues", default="default", envvar="TRIOQ_QUEUES", show_default=True, help="Queues to serve, comma separated.")
 @click.option("--name", default=None, envvar="TRIOQ_WORKER_NAME", help="Worker name [default: host:pid].")
-@click.option("--grace", default=30.0, type=click.FloatRange(0, 86400), envvar="TRIOQ_GRACE", show_default=True, help="Seconds to finish running jobs on SIGTERM before handing them back.")
+@click.option("--grace", default=30.0, type=Seconds(0, 86400), envvar="TRIOQ_GRACE", show_default=True, help="Seconds to finish running jobs on SIGTERM before handing them back.")
 @click.option("--no-builtins", is_flag=True, help="Do not serve the built-in demo tasks.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", envvar="TRIOQ_LOG_LEVEL", show_default=True)
 def worker(**o: Any) -> None:
@@ -317,13 +355,13 @@ def worker(**o: Any) -> None:
 @click.option("--payload", "-p", default="{}", envvar="TRIOQ_PAYLOAD", show_default=True, help="JSON payload.")
 @click.option("--priority", default=5, type=click.IntRange(MIN_PRIORITY, MAX_PRIORITY), show_default=True, help="1 is the most urgent.")
 @click.option("--queue", default="default", show_default=True)
-@click.option("--delay", default=None, type=click.FloatRange(0), help="Seconds before the job may run.")
+@click.option("--delay", default=None, type=Seconds(0), help="Seconds before the job may run.")
 @click.option("--max-attempts", default=None, type=click.IntRange(1, 1000))
-@click.option("--timeout", default=None, type=click.FloatRange(0.001), help="Seconds the job may run.")
+@click.option("--timeout", default=None, type=Seconds(0.001), help="Seconds the job may run.")
 @click.option("--idempotency-key", default=None)
 @click.option("--count", default=1, type=click.IntRange(1, 10_000_000), show_default=True, help="Submit N copies (in batches).")
 @click.option("--wait", is_flag=True, help="Wait for the result(s).")
-@click.option("--wait-timeout", default=None, type=click.FloatRange(0), help="Give up waiting after N seconds.")
+@click.option("--wait-timeout", default=None, type=Seconds(0), help="Give up waiting after N seconds.")
 @click.option("--demo", is_flag=True, help="Show priorities at work: slow jobs at 5, then an urgent one at 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable output.")
 def submit(**o: Any) -> None:
@@ -333,10 +371,7 @@ def submit(**o: Any) -> None:
         return
     if not o["task"]:
         raise click.UsageError("TASK is required (or use --demo)")
-    try:
-        payload = json.loads(o["payload"])
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--payload") from None
+    payload = parse_payload(o["payload"])
     spec = JobSpec(
         task=o["task"], payload=payload, priority=o["priority"], queue=o["queue"], delay=o["delay"],
         max_attempts=o["max_attempts"], timeout=o["timeout"], idempotency_key=o["idempotency_key"],
@@ -536,7 +571,7 @@ _queue_op("resume", "Dispatch a paused queue again (admin).")
 @client_options
 @click.argument("job_id")
 @click.option("--wait", is_flag=True, help="Wait until the job is final.")
-@click.option("--timeout", default=None, type=click.FloatRange(0), help="With --wait: give up after N seconds.")
+@click.option("--timeout", default=None, type=Seconds(0), help="With --wait: give up after N seconds.")
 def result(**o: Any) -> None:
     """Print a job's result (exit 4 if it failed, 5 if not finished)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 
 import attrs
 
@@ -81,8 +82,11 @@ class BrokerConfig:
         for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued", "max_errors", "max_uncommitted"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("handshake_timeout", "hello_timeout"):
-            if not getattr(self, name) > 0:
+        for name in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout", "hello_timeout", "purge_interval"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
+        for name in ("lease_grace", "dispatch_mark_delay", "result_ttl", "heap_trim_interval", "retry_base", "retry_max", "retry_jitter"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number, 0 or more")
         if self.sync not in ("full", "normal", "off"):
             raise ValueError("sync must be full, normal or off")
