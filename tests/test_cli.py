@@ -218,6 +218,31 @@ def test_a_broker_config_with_nan_is_refused():
         BrokerConfig(lease_grace=math.inf).validate()
 
 
+def test_a_broker_that_cannot_start_says_why_in_one_line(tmp_path):
+    """A journal that is not one, a directory, a port in use, a broken certificate: one line
+    that names the problem, not a traceback through the nursery that met it."""
+    import socket
+
+    base = ["broker", "--port", "0", "--http-port", "0", "--certs-dir", str(tmp_path / "certs"), "--no-gc-tuning"]
+    (tmp_path / "bad.db").write_text("garbage")
+    (tmp_path / "dir.db").mkdir()
+    runner = CliRunner()
+    r = runner.invoke(main, [*base, "--db", str(tmp_path / "bad.db")])
+    assert r.exit_code == 1 and f"error: cannot open the journal {tmp_path / 'bad.db'}: file is not a database" in r.output
+    assert "Traceback" not in r.output
+    r = runner.invoke(main, [*base, "--db", str(tmp_path / "dir.db")])
+    assert r.exit_code == 1 and "unable to open database file" in r.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = runner.invoke(main, [*base, "--db", str(tmp_path / "ok.db"), "--port", str(port)])
+    assert r.exit_code == 1 and "error: cannot start the broker:" in r.output and "Address already in use" in r.output
+    (tmp_path / "certs" / "server.pem").write_text("garbage")
+    r = runner.invoke(main, [*base, "--db", str(tmp_path / "ok.db")])
+    assert r.exit_code == 1 and "error: cannot load the server certificate and key" in r.output
+
+
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     r = trioq_cmd(broker, "submit", "--demo", timeout=90)
     assert r.returncode == 0, r.stderr

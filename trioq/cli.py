@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import signal
+import sqlite3
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -69,6 +71,15 @@ def parse_payload(text: str) -> Any:
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(f"not valid for a payload: {exc}", param_hint="--payload") from None
     return payload
+
+
+def _leaves(exc: BaseException):
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -258,7 +269,11 @@ def broker(**o: Any) -> None:
         http_tls=o["http_tls"],
     )
     try:
-        b = Broker(config, ssl_context=server_context(paths, min_version=o["tls_min_version"], require_client_cert=o["require_client_cert"]), authenticator=auth)
+        ssl_context = server_context(paths, min_version=o["tls_min_version"], require_client_cert=o["require_client_cert"])
+    except (ssl.SSLError, OSError) as exc:
+        fail(f"cannot load the server certificate and key from {paths.dir}: {exc}")
+    try:
+        b = Broker(config, ssl_context=ssl_context, authenticator=auth)
     except ValueError as exc:
         fail(str(exc))
 
@@ -283,10 +298,18 @@ def broker(**o: Any) -> None:
 
     try:
         trio.run(run)
-    except OSError as exc:
-        fail(f"cannot start the broker: {exc}")
     except KeyboardInterrupt:
         pass
+    except Exception as exc:
+        # What an operator can fix (a port in use, a file that is not a journal, a refused
+        # setting) is one line, not a traceback through the nursery that hit it.
+        leaves = list(_leaves(exc))
+        if leaves and all(isinstance(e, (OSError, sqlite3.Error, ValueError)) for e in leaves):
+            first = leaves[0]
+            if isinstance(first, sqlite3.Error):
+                fail(f"cannot open the journal {o['db']}: {first}")
+            fail(f"cannot start the broker: {first}")
+        raise
 
 
 # --- worker -------------------------------------------------------------------------------------------
