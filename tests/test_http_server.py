@@ -169,3 +169,22 @@ async def test_cancelling_the_broker_ends_open_event_streams(tmp_path: Path) -> 
             await serve_returned.wait()  # serve() ends although three clients are listening
         # and every client saw its stream end instead of waiting forever
     assert len(ended) == 3, ended
+
+
+async def test_a_request_naming_another_host_is_refused_dns_rebinding(tmp_path: Path) -> None:
+    """A web page that rebinds its own name to 127.0.0.1 reaches the loopback API with its own
+    name in the Host header: 421, so it reads no payloads; the loopback names, the bound
+    address and --http-allowed-host names are answered."""
+    broker = http_broker(tmp_path, http_allowed_hosts=("queue.internal",))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            handle = await nursery.start(broker.serve)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{handle.http_port}") as c:
+                for host in ("attacker.example", f"attacker.example:{handle.http_port}", "127.0.0.1.nip.io"):
+                    r = await c.get("/api/jobs", headers={"Host": host})
+                    assert r.status_code == 421 and r.json()["error"]["code"] == "bad_host", host
+                for host in (f"127.0.0.1:{handle.http_port}", "localhost", f"LOCALHOST:{handle.http_port}",
+                             f"[::1]:{handle.http_port}", "queue.internal"):
+                    r = await c.get("/api/jobs", headers={"Host": host})
+                    assert r.status_code == 200, host
+            handle.cancel_scope.cancel()

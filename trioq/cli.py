@@ -221,6 +221,7 @@ def main() -> None:
 @click.option("--http-port", default=8080, type=click.IntRange(0, 65535), envvar="TRIOQ_HTTP_PORT", show_default=True)
 @click.option("--http-token", default=None, envvar="TRIOQ_HTTP_TOKEN", help="Bearer token for mutating API calls [default: generated, kept in CERTS_DIR/http-token].")
 @click.option("--http-tls", is_flag=True, envvar="TRIOQ_HTTP_TLS", help="Serve the API over HTTPS with the broker's certificate.")
+@click.option("--http-allowed-host", multiple=True, help="A Host header name the HTTP API answers to besides localhost, 127.0.0.1 and --san names (repeatable): requests naming any other host get 421 (DNS rebinding).")
 @click.option("--gc-tuning/--no-gc-tuning", default=True, envvar="TRIOQ_GC_TUNING", show_default=True,
               help="Rarer garbage collections: the broker holds every unfinished job in memory.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", envvar="TRIOQ_LOG_LEVEL", show_default=True)
@@ -266,7 +267,7 @@ def broker(**o: Any) -> None:
         max_queued=o["max_queued"], max_uncommitted=o["max_uncommitted"], max_worker_losses=o["max_worker_losses"], result_ttl=o["result_ttl"],
         allow_unknown_tasks=o["allow_unknown_tasks"], tasks=tuple(o["extra_tasks"]), db=o["db"], sync=o["sync"],
         http=o["http"], http_host=o["http_host"], http_port=o["http_port"], http_token=o["http_token"],
-        http_tls=o["http_tls"],
+        http_tls=o["http_tls"], http_allowed_hosts=tuple(o["http_allowed_host"]),
     )
     try:
         ssl_context = server_context(paths, min_version=o["tls_min_version"], require_client_cert=o["require_client_cert"])

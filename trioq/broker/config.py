@@ -70,6 +70,8 @@ class BrokerConfig:
     http_port: int = DEFAULT_HTTP_PORT
     http_token: str | None = None
     http_tls: bool = False
+    #: Host header names the HTTP API answers to besides loopback ones (see http/server.py)
+    http_allowed_hosts: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Refuse configurations that would be unsafe or cannot work."""

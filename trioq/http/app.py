@@ -12,6 +12,7 @@ import hmac
 import importlib.resources
 import logging
 from collections import deque
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -555,6 +556,41 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class _AllowedHosts:
+    """Answers only requests whose Host header names this server: a page on another site that
+    rebinds its DNS name to 127.0.0.1 would otherwise read the loopback API (payloads,
+    results) as if it were its own origin."""
+
+    def __init__(self, app, hosts: frozenset[str]) -> None:
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            host = None
+            for name, value in scope.get("headers", ()):
+                if name == b"host":
+                    host = value.decode("latin-1").lower()
+                    break
+            if host is not None and _host_name(host) not in self.hosts:
+                response = error_response(
+                    421, "bad_host", "this API answers requests to localhost or its configured names only (Host header)",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without its port."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -580,8 +616,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
 
-def create_app(broker: Broker, *, token: str | None = None) -> Starlette:
+def create_app(broker: Broker, *, token: str | None = None, allowed_hosts: Iterable[str] | None = None) -> Starlette:
     """The ASGI app for ``broker``; mutations need ``token`` (default: ``config.http_token``).
+    With ``allowed_hosts``, requests whose Host header names another server get 421.
 
     With neither, mutating endpoints answer 401 (``serve_http`` always resolves one).
     """
@@ -613,7 +650,10 @@ def create_app(broker: Broker, *, token: str | None = None) -> Starlette:
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(_SecurityHeaders)],
+        middleware=[
+            Middleware(_SecurityHeaders),
+            *([Middleware(_AllowedHosts, frozenset(h.lower() for h in allowed_hosts))] if allowed_hosts is not None else []),
+        ],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
     )
     app.state.api = api

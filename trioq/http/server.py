@@ -21,7 +21,7 @@ from hypercorn.trio import serve
 
 from ..broker.config import BrokerConfig, is_loopback
 from ..tls import SERVER_CERT, SERVER_KEY, TLS_VERSIONS
-from .app import create_app
+from .app import LOOPBACK_NAMES, create_app
 
 if TYPE_CHECKING:
     from ..broker.server import Broker
@@ -103,6 +103,17 @@ def _port_of(bind: str) -> int:
     return int(bind.rsplit(":", 1)[1])
 
 
+def allowed_hosts(cfg: BrokerConfig) -> frozenset[str] | None:
+    """The Host header names the API answers to: on loopback, the loopback names, the bound
+    address, the certificate's extra names and --http-allowed-host (a DNS-rebinding page
+    cannot send any of them); elsewhere anything, unless --http-allowed-host names some."""
+    extra = {h.lower() for h in cfg.http_allowed_hosts}
+    if not is_loopback(cfg.http_host) and not extra:
+        return None
+    bound = cfg.http_host.lower()
+    return frozenset({*LOOPBACK_NAMES, f"[{bound}]" if ":" in bound else bound, *(s.lower() for s in cfg.sans), *extra})
+
+
 async def serve_http(broker: Broker, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API until cancelled; ``task_status.started(port)`` once listening."""
     cfg = broker.config
@@ -123,7 +134,7 @@ async def serve_http(broker: Broker, *, task_status: trio.TaskStatus[int] = trio
             raise ValueError(f"http_tls needs the broker's certificate: {cert} and {key} do not exist")
         hc.certfile = str(cert)
         hc.keyfile = str(key)
-    app = create_app(broker, token=token)
+    app = create_app(broker, token=token, allowed_hosts=allowed_hosts(cfg))
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve, app, hc)
         port = _port_of(binds[0])
