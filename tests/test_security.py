@@ -789,6 +789,18 @@ def test_the_ca_key_may_live_elsewhere_and_a_ca_is_never_replaced(tmp_path: Path
     assert paths.ca_cert.read_bytes() == ca_pem and not paths.ca_key.exists()
 
 
+def test_private_keys_other_users_can_read_are_reported_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="trioq.tls")
+    paths, _ = ensure_certs(tmp_path / "certs")
+    ensure_certs(paths.dir)
+    assert "readable by other users" not in caplog.text  # made 0600
+    paths.server_key.chmod(0o644)
+    paths.ca_key.chmod(0o640)
+    ensure_certs(paths.dir)
+    assert f"{paths.server_key} is readable by other users (mode 644)" in caplog.text
+    assert f"{paths.ca_key} is readable by other users (mode 640)" in caplog.text
+
+
 def test_an_auth_file_others_may_write_is_reported(
     tokens: Tokens, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import ssl
+import stat
 from pathlib import Path
 
 import attrs
@@ -17,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger("trioq.tls")
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -164,6 +168,21 @@ def create_server_cert(paths: CertPaths, extra_sans: list[str] | tuple[str, ...]
     issue_certificate(paths, "trioq broker", paths.server_cert, paths.server_key, sans=sans)
 
 
+def warn_if_readable(*keys: Path) -> list[Path]:
+    """Private keys other local users can read get a warning at every start (they are made
+    0600; a copy or a chmod may have changed that)."""
+    exposed = []
+    for key in keys:
+        try:
+            mode = stat.S_IMODE(key.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            log.warning("%s is readable by other users (mode %o); a private key should be 0600", key, mode)
+            exposed.append(key)
+    return exposed
+
+
 def ensure_certs(directory: str | os.PathLike[str], sans: list[str] | tuple[str, ...] = ()) -> tuple[CertPaths, bool]:
     """Create the CA and server certificate if missing; returns (paths, created).
 
@@ -172,6 +191,7 @@ def ensure_certs(directory: str | os.PathLike[str], sans: list[str] | tuple[str,
     """
     paths = CertPaths.in_dir(directory)
     if paths.ca_cert.exists() and paths.server_cert.exists() and paths.server_key.exists():
+        warn_if_readable(paths.server_key, paths.ca_key)
         return paths, False
     if paths.ca_cert.exists() and not paths.ca_key.exists():
         raise FileNotFoundError(
