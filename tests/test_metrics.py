@@ -79,6 +79,14 @@ async def test_metrics_parse_and_agree_with_stats(nursery: trio.Nursery) -> None
     assert by_task == {"noop": 5, "reverse_string": 1}
     assert {s[1]["task"]: s[2] for s in fams["trioq_jobs_requeued"]} == {"slow_task": 1}
 
+    # dead letters can be alerted on: a counter, and what the store keeps by task and state
+    assert total(fams["trioq_jobs_dead"], "trioq_jobs_dead_total") == 2
+    assert total(fams["trioq_jobs_cancelled"], "trioq_jobs_cancelled_total") == 0
+    finished = {(s[1]["task"], s[1]["state"]): s[2] for s in fams["trioq_finished_jobs"]}
+    assert finished == {
+        ("noop", "completed"): 5, ("reverse_string", "completed"): 1, ("reverse_string", "dead"): 1, ("boom", "dead"): 1,
+    }
+
     depth = {(s[1]["queue"], s[1]["priority"]): s[2] for s in fams["trioq_queue_depth"]}
     assert depth == {("slowq", "2"): 1}
     ages = {(s[1]["queue"], s[1]["priority"]): s[2] for s in fams["trioq_oldest_queued_job_age_seconds"]}

@@ -332,6 +332,16 @@ class Metrics:
         family("trioq_jobs", "gauge", "Unfinished jobs, by state.")
         for state, n in (("queued", st.queued), ("scheduled", st.scheduled), ("running", st.running)):
             out.append(f'trioq_jobs{{state="{state}"}} {n}')
+        # Dead letters and cancellations, for alerts: counters since the broker started, and
+        # the finished jobs kept (until --result-ttl purges them) by task and state.
+        family("trioq_jobs_dead_total", "counter", "Jobs that failed for good (dead letters) since the broker started.")
+        out.append(f"trioq_jobs_dead_total {st.dead}")
+        family("trioq_jobs_cancelled_total", "counter", "Jobs cancelled since the broker started.")
+        out.append(f"trioq_jobs_cancelled_total {st.cancelled}")
+        family("trioq_finished_jobs", "gauge", "Finished jobs kept in the store, by task and state.")
+        for (task, state), n in sorted(d.finished.items()):
+            if n:
+                out.append(f'trioq_finished_jobs{{task="{_label(task)}",state="{state}"}} {n}')
 
         family(
             "trioq_dispatch_latency_seconds", "histogram",
