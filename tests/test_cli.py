@@ -243,6 +243,23 @@ def test_a_broker_that_cannot_start_says_why_in_one_line(tmp_path):
     assert r.exit_code == 1 and "error: cannot load the server certificate and key" in r.output
 
 
+def test_a_token_name_that_could_forge_log_lines_is_refused(tmp_path):
+    """It becomes its jobs' owner and goes into logs, like a HELLO name: printable, 1-200."""
+    auth = tmp_path / "tokens.jsonl"
+    runner = CliRunner()
+    for bad in ("evil\nname", "x" * 201):
+        r = runner.invoke(main, ["token", "create", "--role", "producer", "--name", bad, "--auth-file", str(auth)])
+        assert r.exit_code == 2 and "a token name must be 1-200 printable characters" in r.output
+    assert not auth.exists()
+    r = runner.invoke(main, ["token", "create", "--role", "producer", "--name", "ok-name", "--auth-file", str(auth)])
+    assert r.exit_code == 0 and "ok-name" in auth.read_text()
+    auth.write_text(auth.read_text() + '{"name": "a\\u0007b", "role": "producer", "hash": "sha256:00"}\n')
+    from trioq.broker.auth import AuthFileError, read_auth_file
+
+    with pytest.raises(AuthFileError, match=":2: a token name must be"):
+        read_auth_file(auth)
+
+
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     r = trioq_cmd(broker, "submit", "--demo", timeout=90)
     assert r.returncode == 0, r.stderr

@@ -667,9 +667,12 @@ def token() -> None:
 @click.option("--auth-file", default="certs/tokens.jsonl", envvar="TRIOQ_AUTH_FILE", show_default=True)
 def token_create(role: str, name: str | None, auth_file: str) -> None:
     """Create a token; it is printed once, and only its hash is stored."""
-    from .broker.auth import add_token
+    from .broker.auth import AuthFileError, add_token
 
-    tok, cred = add_token(auth_file, role, name)
+    try:
+        tok, cred = add_token(auth_file, role, name)
+    except AuthFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--name") from None
     click.echo(tok)
     click.echo(f"stored the hash of {cred.name} ({role}) in {auth_file}; the broker reads it at start", err=True)
 

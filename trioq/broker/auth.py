@@ -95,6 +95,13 @@ class AuthFileError(ValueError):
     pass
 
 
+def check_credential_name(name: str) -> None:
+    """A credential's name becomes its jobs' owner and goes into logs: printable, bounded
+    (as HELLO names are), so it cannot forge log lines."""
+    if not name or len(name) > 200 or not name.isprintable():
+        raise AuthFileError(f"a token name must be 1-200 printable characters, not {name[:50]!r}")
+
+
 def read_auth_file(path: str | os.PathLike[str]) -> list[Credential]:
     """One JSON object a line: {"name", "role", "hash"}; errors name the line."""
     creds = []
@@ -109,6 +116,10 @@ def read_auth_file(path: str | os.PathLike[str]) -> list[Credential]:
             raise AuthFileError(f"{path}:{n}: not a token entry ({exc})") from None
         if cred.role not in ROLES:
             raise AuthFileError(f"{path}:{n}: unknown role {cred.role!r} (expected one of {ROLES})")
+        try:
+            check_credential_name(cred.name)
+        except AuthFileError as exc:
+            raise AuthFileError(f"{path}:{n}: {exc}") from None
         if not cred.hash.startswith("sha256:"):
             raise AuthFileError(f"{path}:{n}: hash must start with 'sha256:'")
         creds.append(cred)
@@ -119,6 +130,8 @@ def add_token(path: str | os.PathLike[str], role: str, name: str | None = None) 
     """Create a token, append its hash to the file (0600), return the token once."""
     if role not in ROLES:
         raise AuthFileError(f"unknown role {role!r} (expected one of {ROLES})")
+    if name is not None:
+        check_credential_name(name)
     token = new_token()
     cred = Credential(name or f"{role}-{secrets.token_hex(3)}", role, hash_token(token))
     p = Path(path)
