@@ -489,6 +489,11 @@ async def test_values_the_store_or_the_encoder_cannot_take_are_refused(
         with trio.fail_after(10):
             return await conn.receive()
 
+    # a page size out of range is refused, as over HTTP, not quietly clamped
+    for i, limit in enumerate((0, -5, 10**9), start=100):
+        reply = await ask(b'{"t":"list","req":%d,"limit":%d}' % (i, limit))
+        assert isinstance(reply, Error) and reply.code == "invalid_field" and reply.req == i and not reply.fatal
+        assert "limit must be 1-1000" in reply.message
     # a page cursor SQLite cannot hold
     reply = await ask(b'{"t":"list","req":1,"cursor":18446744073709551615}')
     assert (

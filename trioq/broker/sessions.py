@@ -129,6 +129,10 @@ class Session:
 # --- producers -------------------------------------------------------------------------------
 
 
+#: Jobs in one LIST page (the HTTP API's limit too).
+MAX_LIST_LIMIT = 1000
+
+
 class ProducerSession(Session):
     """Submits, reads and waits; requests are served concurrently, up to a bound."""
 
@@ -282,7 +286,9 @@ class ProducerSession(Session):
                 state = JobState(msg.state)
             except ValueError:
                 raise RequestError(ErrorCode.INVALID_FIELD, f"unknown state {msg.state!r}") from None
-        limit = max(1, min(msg.limit, 1000))
+        if not 1 <= msg.limit <= MAX_LIST_LIMIT:  # as the HTTP API: refused, not quietly clamped
+            raise RequestError(ErrorCode.INVALID_FIELD, f"limit must be 1-{MAX_LIST_LIMIT} @ $.limit")
+        limit = msg.limit
         page = await self.broker.list_jobs(
             state=state, queue=msg.queue, task=msg.task, limit=limit, cursor=msg.cursor, owner=self.reads_only_own
         )
