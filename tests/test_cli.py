@@ -260,6 +260,35 @@ def test_a_token_name_that_could_forge_log_lines_is_refused(tmp_path):
         read_auth_file(auth)
 
 
+def test_count_with_an_idempotency_key_is_refused():
+    """One key names one job: five submits of it printed 'submitted 5 jobs' for one."""
+    r = CliRunner().invoke(main, ["submit", "noop", "--count", "5", "--idempotency-key", "k", "--broker", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "--idempotency-key names one job" in r.output
+
+
+def test_a_broker_that_goes_away_while_a_command_waits_exits_3(monkeypatch, capsys):
+    """As one that cannot be reached: a restart during 'result --wait' printed a raw
+    BrokenResourceError and exited 1."""
+    from trioq import cli
+    from trioq.errors import ConnectionLost
+
+    class Dummy:
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+    async def waits(c):
+        raise ConnectionLost("connection broken: BrokenResourceError()")
+
+    monkeypatch.setattr(cli, "make_client", lambda opts, role="producer": Dummy())
+    with pytest.raises(SystemExit) as info:
+        cli.run_client(waits, {})
+    assert info.value.code == 3
+    assert "error: lost the connection to the broker: connection broken" in capsys.readouterr().err
+
+
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     r = trioq_cmd(broker, "submit", "--demo", timeout=90)
     assert r.returncode == 0, r.stderr

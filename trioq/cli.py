@@ -21,7 +21,7 @@ import orjson
 import trio
 
 from . import __version__
-from .errors import ConnectError, JobNotFound, RemoteError, TrioqError
+from .errors import ConnectError, ConnectionLost, JobNotFound, RemoteError, TrioqError
 from .job import MAX_PRIORITY, MIN_PRIORITY, NAME_RE, Job, JobSpec, JobState
 
 log = logging.getLogger("trioq")
@@ -159,6 +159,8 @@ def run_client(main, opts: dict[str, Any], *args: Any, role: str = "producer") -
         fail(f"{exc.code}: {exc.message}", 2 if exc.code in ("unknown_job", "invalid_state") else 1)
     except ConnectError as exc:
         fail(str(exc), 3)
+    except ConnectionLost as exc:  # the broker went away (a restart) while this waited
+        fail(f"lost the connection to the broker: {exc}", 3)
     except TrioqError as exc:
         fail(str(exc), 1)
     except KeyboardInterrupt:
@@ -395,6 +397,8 @@ def submit(**o: Any) -> None:
         return
     if not o["task"]:
         raise click.UsageError("TASK is required (or use --demo)")
+    if o["idempotency_key"] is not None and o["count"] > 1:
+        raise click.UsageError("--idempotency-key names one job: it cannot be combined with --count over 1")
     payload = parse_payload(o["payload"])
     spec = JobSpec(
         task=o["task"], payload=payload, priority=o["priority"], queue=o["queue"], delay=o["delay"],
