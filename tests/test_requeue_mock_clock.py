@@ -10,7 +10,7 @@ import trio.testing
 
 from trioq.broker.dispatcher import LEAVE, RetryPolicy
 from trioq.job import ErrorInfo, JobSpec, JobState
-from trioq.protocol.messages import Abort
+from trioq.protocol.messages import Abort, Release
 
 from .conftest import FakeWorker, memory_broker
 
@@ -101,6 +101,23 @@ async def test_lease_expires_exactly_at_timeout_plus_grace(autojump_clock, nurse
     w.complete(again, "on time")
     done = await broker.wait_job(job_id)
     assert done.state is JobState.COMPLETED and done.result == "on time"
+
+
+async def test_a_release_of_an_older_attempt_leaves_the_current_lease_alone(autojump_clock, nursery):
+    """RELEASE is fenced like RESULT: one naming another attempt ended the current attempt's
+    lease, and the job could then run past its timeout forever."""
+    broker = memory_broker(lease_grace=1.5)
+    await broker.start_core(nursery)
+    w = await FakeWorker.connect(broker, nursery, name="w", concurrency=1, heartbeat=1.0)
+    (job_id,), _ = await broker.submit([JobSpec("slow_task", {"seconds": 100}, timeout=5.0)])
+    d = await w.next_delivery()
+    t0 = trio.current_time()
+    w.conn.send_nowait(Release([job_id], [d.attempt + 7]))  # not the attempt it holds
+    with trio.fail_after(60):  # virtual seconds: without its lease the job never expires
+        abort = await w.next_other(Abort)
+    assert trio.current_time() - t0 == pytest.approx(6.5, abs=1e-9)  # the lease expired on time
+    assert (abort.id, abort.attempt, abort.reason) == (job_id, 1, "timeout")
+    assert broker.dispatcher.live[job_id].worker_losses == 1
 
 
 async def test_delayed_job_runs_at_its_time_not_before(autojump_clock, nursery):

@@ -504,8 +504,12 @@ class WorkerSession(Session):
             self._progress(msg)  # type: ignore[arg-type]
         elif t is Release:
             items = list(zip(msg.ids, msg.attempts, strict=False))  # type: ignore[attr-defined]
-            for job_id, _ in items:
-                self._end_lease(job_id)
+            dispatcher = self.broker.dispatcher
+            for job_id, attempt in items:
+                # Fenced as results are: a RELEASE of an older attempt must not end the lease of
+                # the current one (the job would then never expire).
+                if dispatcher.is_current(self.slot, job_id, attempt):
+                    self._end_lease(job_id)
             self.broker.dispatcher.post(RELEASE, self.slot, items)
         elif t is Drain:
             log.info("worker %s is draining (takes no new jobs)", self.slot.name)
