@@ -585,10 +585,10 @@ class Broker:
             # committed: a turn of the scheduler sooner than this task could tell it, and
             # even if this task is cancelled. Shielded: a failed commit must free its keys.
             d.reserved += len(jobs)  # no await since the check for room: they count from here
-            commit = _KeyedCommit()
             keyed = [job.id for job in jobs if job.idempotency_key is not None]
+            commit = _KeyedCommit() if keyed else None
             for job_id in keyed:
-                self._storing[job_id] = commit
+                self._storing[job_id] = commit  # type: ignore[assignment]
             with trio.CancelScope(shield=True):
                 try:
                     await self.writer.write(jobs, new=True, committed=partial(d.post, SUBMIT, jobs, True))
@@ -598,11 +598,13 @@ class Broker:
                         d.idempotency.pop(key, None)
                     raise
                 else:
-                    commit.stored = True
+                    if commit is not None:
+                        commit.stored = True
                 finally:
-                    for job_id in keyed:
-                        del self._storing[job_id]
-                    commit.done.set()
+                    if commit is not None:
+                        for job_id in keyed:
+                            del self._storing[job_id]
+                        commit.done.set()
                 for obs in self.observers:
                     obs("submitted", jobs)
         for storing in matched_storing:  # another SUBMIT's job, named by its key

@@ -305,12 +305,15 @@ class ProducerSession(Session):
             self.waits -= 1
             raise RequestError(ErrorCode.INVALID_FIELD, "timeout must be a number of seconds, 0 or more @ $.timeout")
         try:
-            with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            if timeout is None:  # the common case, without a cancel scope
                 job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
+            else:
+                with trio.move_on_after(timeout) as scope:
+                    job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
+                if scope.cancelled_caught:
+                    raise RequestError(ErrorCode.TIMEOUT, f"job {msg.id} did not finish within {timeout:g}s")
         finally:
             self.waits -= 1
-        if scope.cancelled_caught:
-            raise RequestError(ErrorCode.TIMEOUT, f"job {msg.id} did not finish within {timeout:g}s")
         if job is None:  # no such job, or (an idempotency key matched) one this session may not read
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))
