@@ -608,10 +608,11 @@ async def test_mutual_tls_takes_the_role_from_the_certificate(
     assert any("auth client certificates" in r.getMessage() for r in caplog.records)
     assert not any("OPEN MODE" in r.getMessage() for r in caplog.records)
 
-    # No certificate: trioq's ConnectError, whichever TLS step notices.
-    with trio.fail_after(10), pytest.raises(ConnectError):
+    # No certificate: trioq's ConnectError, whichever TLS step notices, saying what is missing.
+    with trio.fail_after(10), pytest.raises(ConnectError) as info:
         async with trioq.Client("127.0.0.1", port, ca=ca):
             pass
+    assert "client certificate" in str(info.value), info.value
     # A certificate from another CA, even one claiming admin.
     other = CertPaths.in_dir(tmp_path / "other")
     create_ca(other)

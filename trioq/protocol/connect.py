@@ -76,7 +76,11 @@ async def open_session(
             raise ConnectError(f"no WELCOME from the broker within {handshake_timeout:g}s")
     except (ConnectionLost, ProtocolError) as exc:
         await conn.aclose()
-        raise ConnectError(f"handshake failed: {exc}") from None
+        hint = ""
+        if isinstance(exc, ConnectionLost):  # TLS 1.3 shows a refused client only now, as an EOF
+            hint = (" (the broker closed the connection before WELCOME; one started with "
+                    "--require-client-cert does so to a client without a client certificate: pass --cert and --key)")
+        raise ConnectError(f"handshake failed: {exc}{hint}") from None
     except BaseException:
         await conn.aclose()
         raise

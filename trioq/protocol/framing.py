@@ -78,7 +78,8 @@ class FramedConnection:
             try:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionLost(f"connection broken: {exc!r}") from None
+                # The TLS alert behind a broken stream says why (a certificate required, say).
+                raise ConnectionLost(f"connection broken: {exc.__cause__ or exc!r}") from None
             if not data:
                 self._eof = True
                 if self._buf:
