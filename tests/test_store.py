@@ -976,3 +976,53 @@ async def test_a_job_retried_after_dying_on_its_first_attempt_is_stored_as_retri
     row = await trio.to_thread.run_sync(store.get_sync, job_id)
     assert (row.state, row.failures, row.error, row.dead_reason) == (JobState.QUEUED, 0, None, None)
     assert [j.id for j in (await broker.list_jobs(state=JobState.QUEUED)).jobs] == [job_id]
+
+
+class _GatedPurgeStore(SQLiteStore):
+    """A purge that stops, in its thread, right after its DELETE: the moment a retry slipped in."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.deleted = threading.Event()
+        self.go_on = threading.Event()
+
+    def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
+        n = super().purge_sync(finished_before, limit)
+        if n:
+            self.deleted.set()
+            self.go_on.wait(10)
+        return n
+
+
+async def test_a_retry_during_a_purge_never_leaves_a_live_job_without_a_row(tmp_path):
+    """The purge deleted a cancelled job's row while a retry put the job back in line from the
+    broker's memory of it: the job then ran with no row, and a restart would have lost it.
+    Real clock: the purge runs in a real thread."""
+    store = _GatedPurgeStore(tmp_path / "q.db")
+    broker = Broker(BrokerConfig(http=False, db=str(tmp_path / "q.db"), result_ttl=0.0, purge_interval=0.05),
+                    store=store, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        (job_id,), _ = await broker.submit([JobSpec("noop", queue="held")])
+        await broker.cancel_job(job_id)
+        await broker.writer.write([])  # the cancel is committed
+        with trio.fail_after(10):
+            await trio.to_thread.run_sync(store.deleted.wait)  # the row is gone, the purge not over
+        outcome: list[str] = []
+        answered = trio.Event()
+
+        async def retry() -> None:
+            try:
+                outcome.append((await broker.retry_job(job_id)).state.value)
+            except RequestError as exc:
+                outcome.append(exc.code.value)
+            answered.set()
+
+        nursery.start_soon(retry)
+        await trio.testing.wait_all_tasks_blocked()
+        store.go_on.set()
+        with trio.fail_after(10):
+            await answered.wait()
+        nursery.cancel_scope.cancel()
+    row = store.get_sync(job_id)
+    assert outcome == ["unknown_job"] and row is None and job_id not in broker.dispatcher.live

@@ -165,6 +165,9 @@ class Broker:
         self._waiters: dict[str, list[Callable[[Job], None]]] = {}
         self._retrying: set[str] = set()  # job ids with a retry request in progress
         self.purge_chunk = 10_000  # finished jobs deleted per transaction of the purge
+        #: held by a retry or discard from its read of the job to its write, and by each purge
+        #: chunk: a purge between them left a retried job running without a row
+        self._finished_rows = trio.Lock()
         #: keyed jobs whose commit is under way, by id: a SUBMIT that names one by its key is
         #: answered only once that commit is over (an ACK for a job never stored is a lie)
         self._storing: dict[str, _KeyedCommit] = {}
@@ -313,10 +316,16 @@ class Broker:
                 n = 0
                 while True:
                     chunk = self.purge_chunk
-                    if store.inline:
-                        got = store.purge_sync(cutoff, chunk)
-                    else:
-                        got = await trio.to_thread.run_sync(store.purge_sync, cutoff, chunk)
+                    async with self._finished_rows:
+                        if store.inline:
+                            got = store.purge_sync(cutoff, chunk)
+                        else:
+                            got = await trio.to_thread.run_sync(store.purge_sync, cutoff, chunk)
+                        if got:  # what a read would find in memory must be gone too
+                            recent = self._recent
+                            for job_id in [i for i, j in recent.items()
+                                           if j.state.terminal and j.finished_at is not None and j.finished_at < cutoff]:
+                                del recent[job_id]
                     n += got
                     if got < chunk:
                         break
@@ -709,21 +718,29 @@ class Broker:
             raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} is being retried already")
         self._retrying.add(job_id)
         try:
-            job = await self.get_job(job_id)
-            if job is None:
-                raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
-            if job.state not in (JobState.DEAD, JobState.CANCELLED):
-                raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
-            await self._call(self.dispatcher.retry_nowait, job)
-            # Answer once the retry is committed: until then the store still says dead, and a
-            # wait on the job could read that and end at once, even after the job has run.
-            await self.writer.write([job])
+            async with self._finished_rows:
+                return await self._retry_held(job_id)
         finally:
             self._retrying.discard(job_id)
+
+    async def _retry_held(self, job_id: str) -> Job:
+        job = await self.get_job(job_id)
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
+        if job.state not in (JobState.DEAD, JobState.CANCELLED):
+            raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
+        await self._call(self.dispatcher.retry_nowait, job)
+        # Answer once the retry is committed: until then the store still says dead, and a
+        # wait on the job could read that and end at once, even after the job has run.
+        await self.writer.write([job])
         log.info("job %s retried by request", job_id)
         return job
 
     async def discard_job(self, job_id: str) -> Job:
+        async with self._finished_rows:
+            return await self._discard_held(job_id)
+
+    async def _discard_held(self, job_id: str) -> Job:
         job = await self.get_job(job_id)
         if job is None:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
