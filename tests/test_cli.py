@@ -289,6 +289,18 @@ def test_a_broker_that_goes_away_while_a_command_waits_exits_3(monkeypatch, caps
     assert "error: lost the connection to the broker: connection broken" in capsys.readouterr().err
 
 
+def test_names_a_certificate_cannot_hold_and_a_task_beside_demo_are_refused(tmp_path):
+    runner = CliRunner()
+    for san in ("", "not a name!!", "a..b"):
+        r = runner.invoke(main, ["certs", "--dir", str(tmp_path / "c"), "--san", san])
+        assert r.exit_code == 2 and "is neither an IP address nor a DNS name" in r.output, san
+    assert not (tmp_path / "c" / "server.pem").exists()
+    r = runner.invoke(main, ["certs", "--dir", str(tmp_path / "c"), "--san", "broker.internal", "--san", "10.0.0.5"])
+    assert r.exit_code == 0 and (tmp_path / "c" / "server.pem").exists()
+    r = runner.invoke(main, ["submit", "noop", "--demo", "--broker", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "--demo submits its own jobs" in r.output
+
+
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     r = trioq_cmd(broker, "submit", "--demo", timeout=90)
     assert r.returncode == 0, r.stderr

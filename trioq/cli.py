@@ -73,6 +73,17 @@ def parse_payload(text: str) -> Any:
     return payload
 
 
+def _check_sans(names: tuple[str, ...], param: click.Parameter) -> tuple[str, ...]:
+    from .tls import check_san
+
+    for name in names:
+        try:
+            check_san(name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param=param) from None
+    return names
+
+
 def _leaves(exc: BaseException):
     """The exceptions inside (nested) exception groups."""
     if isinstance(exc, BaseExceptionGroup):
@@ -192,7 +203,7 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", envvar="TRIOQ_HOST", show_default=True, help="Address to listen on.")
 @click.option("--port", default=65432, type=click.IntRange(0, 65535), envvar="TRIOQ_PORT", show_default=True)
 @click.option("--certs-dir", default="certs", envvar="TRIOQ_CERTS_DIR", show_default=True, help="CA and server certificate (created if missing).")
-@click.option("--san", multiple=True, envvar="TRIOQ_SAN", help="Extra name or IP for a newly created server certificate (repeatable).")
+@click.option("--san", multiple=True, envvar="TRIOQ_SAN", callback=lambda ctx, param, value: _check_sans(value, param), help="Extra name or IP for a newly created server certificate (repeatable).")
 @click.option("--tls-min-version", type=click.Choice(["1.2", "1.3"]), default="1.3", envvar="TRIOQ_TLS_MIN_VERSION", show_default=True)
 @click.option("--require-client-cert", is_flag=True, envvar="TRIOQ_REQUIRE_CLIENT_CERT", help="Mutual TLS: the role comes from the client certificate.")
 @click.option("--auth-file", default=None, envvar="TRIOQ_AUTH_FILE", help="Token file made by 'trioq token create' [default: CERTS_DIR/tokens.jsonl if it exists].")
@@ -393,6 +404,8 @@ def worker(**o: Any) -> None:
 def submit(**o: Any) -> None:
     """Submit TASK with a JSON payload (or run the priority demo with --demo)."""
     if o["demo"]:
+        if o["task"]:
+            raise click.UsageError("--demo submits its own jobs: leave TASK out")
         run_client(_demo, o)
         return
     if not o["task"]:
@@ -535,7 +548,12 @@ def jobs(**o: Any) -> None:
             return
         click.echo(f"{'ID':<17} {'TASK':<16} {'PRI':>3} {'STATE':<10} {'ATT':>3} {'CREATED':<13} RESULT/ERROR")
         for j in items:
-            tail = j.error.message if j.error and j.state is not JobState.COMPLETED else json.dumps(j.result)
+            if j.error and j.state is not JobState.COMPLETED:
+                tail = j.error.message
+            elif j.state is JobState.DEAD and j.dead_reason:  # worker_lost leaves no error behind
+                tail = f"dead: {j.dead_reason}"
+            else:
+                tail = json.dumps(j.result)
             click.echo(f"{j.id:<17} {j.task[:16]:<16} {j.priority:>3} {j.state.value:<10} {j.attempts:>3} {fmt_time(j.created_at):<13} {str(tail)[:60]}")
 
     run_client(go, o, role="admin")
@@ -624,7 +642,7 @@ def result(**o: Any) -> None:
 
 @main.group(invoke_without_command=True)
 @click.option("--dir", "certs_dir", default="certs", envvar="TRIOQ_CERTS_DIR", show_default=True)
-@click.option("--san", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable).")
+@click.option("--san", multiple=True, callback=lambda ctx, param, value: _check_sans(value, param), help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--force", is_flag=True, help="Replace an existing server certificate (the CA is kept).")
 @click.pass_context
 def certs(ctx: click.Context, certs_dir: str, san: tuple[str, ...], force: bool) -> None:

@@ -10,6 +10,7 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import re
 import ssl
 import stat
 from pathlib import Path
@@ -72,9 +73,26 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+
+
+def check_san(name: str) -> None:
+    """An IP address or a DNS name (a leading ``*.`` allowed): an empty or malformed name
+    would be written into the certificate, where clients cannot match it."""
+    try:
+        ipaddress.ip_address(name)
+        return
+    except ValueError:
+        pass
+    labels = name[2:].split(".") if name.startswith("*.") else name.split(".")
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{name!r} is neither an IP address nor a DNS name")
+
+
 def _san_entries(names: list[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for name in names:
+        check_san(name)
         try:
             out.append(x509.IPAddress(ipaddress.ip_address(name)))
         except ValueError:
