@@ -372,9 +372,13 @@ async def test_the_purge_removes_everything_past_the_ttl_in_one_run(autojump_clo
     await broker._call(lambda: [broker.dispatcher.cancel_nowait(job_id) for job_id in ids])
     await trio.sleep(100)  # past the TTL by the purge after this one
     assert len(broker.store.list_sync(state=JobState.CANCELLED, limit=n + 1).jobs) == n
+    (fresh,), _ = await broker.submit([trioq.JobSpec("noop", queue="held")])
+    await broker.cancel_job(fresh)  # finished at 100 s: kept by the purge at 120 s
     await trio.sleep(30)  # the purge at 120 s
-    assert broker.store.list_sync(limit=10).jobs == []
-    assert broker.stats()["jobs"]["cancelled"] == 0
+    assert [j.id for j in broker.store.list_sync(limit=10).jobs] == [fresh]
+    # the counts follow what the purge removed, exactly
+    assert broker.stats()["jobs"]["cancelled"] == 1
+    assert broker.dispatcher.finished[("noop", "cancelled")] == 1
 
 
 async def test_a_result_that_times_out_ends_its_wait_on_the_broker_too(autojump_clock, nursery):

@@ -168,6 +168,13 @@ def test_counts_purge_and_delete(db):
     assert db.purge_sync(cutoff) == 0
     # the limit bounds one purge
     assert db.purge_sync(1e9, limit=2) == 2
+    # what went, by task and state, for the counts the broker keeps in memory
+    rest = db.counts_sync()
+    gone = db.purge_counted_sync(1e9)
+    assert sum(gone.values()) > 0
+    for (task, state), n in gone.items():
+        assert rest[task][state] >= n
+    assert all(state not in ("completed", "dead", "cancelled") for per in db.counts_sync().values() for state, n in per.items() if n)
     # delete
     victim = next(j for j in jobs if j.id in left and j.state is JobState.RUNNING)
     assert db.delete_sync(victim.id) is True
@@ -986,12 +993,12 @@ class _GatedPurgeStore(SQLiteStore):
         self.deleted = threading.Event()
         self.go_on = threading.Event()
 
-    def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
-        n = super().purge_sync(finished_before, limit)
-        if n:
+    def purge_counted_sync(self, finished_before: float, limit: int = 10_000) -> dict[tuple[str, str], int]:
+        gone = super().purge_counted_sync(finished_before, limit)
+        if gone:
             self.deleted.set()
             self.go_on.wait(10)
-        return n
+        return gone
 
 
 async def test_a_retry_during_a_purge_never_leaves_a_live_job_without_a_row(tmp_path):

@@ -318,9 +318,15 @@ class Broker:
                     chunk = self.purge_chunk
                     async with self._finished_rows:
                         if store.inline:
-                            got = store.purge_sync(cutoff, chunk)
+                            gone = store.purge_counted_sync(cutoff, chunk)
                         else:
-                            got = await trio.to_thread.run_sync(store.purge_sync, cutoff, chunk)
+                            gone = await trio.to_thread.run_sync(store.purge_counted_sync, cutoff, chunk)
+                        got = sum(gone.values())
+                        # The counts follow what went, exactly: a new count of the table, read in
+                        # a thread, missed the jobs that finished while it ran.
+                        finished = self.dispatcher.finished
+                        for key, k in gone.items():
+                            finished[key] = max(0, finished.get(key, 0) - k)
                         if got:  # what a read would find in memory must be gone too
                             recent = self._recent
                             for job_id in [i for i, j in recent.items()
@@ -332,8 +338,6 @@ class Broker:
                     await trio.lowlevel.checkpoint()
                 if n:
                     log.info("purged %d finished job(s) older than the result TTL", n)
-                    counts = store.counts_sync() if store.inline else await trio.to_thread.run_sync(store.counts_sync)
-                    self._seed_finished(counts)
             except Exception as exc:  # a failing disk must not stop the broker
                 log.error("purge failed: %s", exc)
 

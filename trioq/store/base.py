@@ -99,9 +99,14 @@ class Store(abc.ABC):
     def counts_sync(self) -> dict[str, dict[str, int]]:
         """{task: {state: n}} over every stored job."""
 
-    @abc.abstractmethod
     def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
         """Delete terminal jobs finished before the time; returns how many."""
+        return sum(self.purge_counted_sync(finished_before, limit).values())
+
+    @abc.abstractmethod
+    def purge_counted_sync(self, finished_before: float, limit: int = 10_000) -> dict[tuple[str, str], int]:
+        """Delete up to ``limit`` terminal jobs finished before the time; how many of each
+        (task, state) went, so that counts kept in memory can follow exactly."""
 
     @abc.abstractmethod
     def delete_sync(self, job_id: str) -> bool:

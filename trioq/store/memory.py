@@ -74,7 +74,7 @@ class MemoryStore(Store):
             per[job.state.value] = per.get(job.state.value, 0) + 1
         return out
 
-    def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
+    def purge_counted_sync(self, finished_before: float, limit: int = 10_000) -> dict[tuple[str, str], int]:
         gone = [
             j
             for j in self._by_id.values()
@@ -85,7 +85,10 @@ class MemoryStore(Store):
             del self._by_seq[j.seq]
             i = bisect.bisect_left(self._seqs, j.seq)
             del self._seqs[i]
-        return len(gone)
+        counts: dict[tuple[str, str], int] = {}
+        for j in gone:
+            counts[j.task, j.state.value] = counts.get((j.task, j.state.value), 0) + 1
+        return counts
 
     def delete_sync(self, job_id: str) -> bool:
         job = self._by_id.pop(job_id, None)

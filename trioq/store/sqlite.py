@@ -581,17 +581,22 @@ class SQLiteStore(Store):
                 for where, params in self._where_id(job_id)
             )
 
-    def purge_sync(self, finished_before: float, limit: int = 10_000) -> int:
+    def purge_counted_sync(self, finished_before: float, limit: int = 10_000) -> dict[tuple[str, str], int]:
         w = self._w
         assert w is not None
         with self._wlock:
-            cur = w.execute(
-                "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_at < ? "
-                "AND state IN (?, ?, ?) LIMIT ?)",
-                (finished_before, *TERMINAL, limit),
-            )
-            self._note_writes(cur.rowcount)
-            return cur.rowcount
+            with _transaction(w, "BEGIN IMMEDIATE"):
+                rows = w.execute(
+                    "SELECT seq, task, state FROM jobs WHERE finished_at < ? AND state IN (?, ?, ?) LIMIT ?",
+                    (finished_before, *TERMINAL, limit),
+                ).fetchall()
+                if rows:
+                    w.executemany("DELETE FROM jobs WHERE seq=?", [(r[0],) for r in rows])
+            self._note_writes(len(rows))
+        counts: dict[tuple[str, str], int] = {}
+        for _, task, state in rows:
+            counts[task, state] = counts.get((task, state), 0) + 1
+        return counts
 
     # --- reads ----------------------------------------------------------------------
 
