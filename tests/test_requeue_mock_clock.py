@@ -9,6 +9,8 @@ import trio
 import trio.testing
 
 from trioq.broker.dispatcher import LEAVE, RetryPolicy
+from trioq.broker.sessions import RequestError
+from trioq.errors import ErrorCode
 from trioq.job import ErrorInfo, JobSpec, JobState
 from trioq.protocol.messages import Abort, Release
 
@@ -261,3 +263,24 @@ async def test_a_worker_session_that_has_ended_is_sent_nothing_while_its_leave_w
         assert d.live[first.id].worker_losses == 1 and d.live[first.id].state is JobState.QUEUED
         assert job.worker_losses == 0 and not d.workers
         nursery.cancel_scope.cancel()
+
+
+async def test_a_job_cancelled_while_running_is_retried_only_once_its_attempt_has_stopped(autojump_clock, nursery):
+    """A sync task's thread cannot be interrupted: a retry while the cancelled attempt still
+    runs could run the job twice at once. It is refused until the worker reports the stop."""
+    broker = memory_broker()
+    await broker.start_core(nursery)
+    w = await FakeWorker.connect(broker, nursery, name="w", concurrency=2, heartbeat=1.0)
+    (job_id,), _ = await broker.submit([JobSpec("slow_task", {"seconds": 100})])
+    d = await w.next_delivery()
+    await broker.cancel_job(job_id)
+    await w.next_other(Abort)
+    with pytest.raises(RequestError) as info:
+        await broker.retry_job(job_id)
+    assert info.value.code is ErrorCode.INVALID_STATE and "still running on worker w" in info.value.message
+    w.fail(d, ErrorInfo("Cancelled", "the job was cancelled", "", False))  # the attempt has stopped
+    await trio.testing.wait_all_tasks_blocked()
+    assert (await broker.retry_job(job_id)).state in (JobState.QUEUED, JobState.RUNNING)
+    again = await w.next_delivery()
+    assert (again.id, again.attempt) == (job_id, 2)
+    assert [x.id for _, x in w.deliveries].count(job_id) == 2

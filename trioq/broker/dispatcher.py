@@ -729,6 +729,13 @@ class Dispatcher:
         self._enqueue(job)
         self.on_change([job])
 
+    def held_by(self, job_id: str) -> WorkerSlot | None:
+        """The worker session holding an attempt of the job, if one does."""
+        for slot in self.workers.values():
+            if job_id in slot.held:
+                return slot
+        return None
+
     def forget_finished(self, job: Job) -> None:
         """A finished job leaves the counts (retried or discarded)."""
         key = (job.task, job.state.value)

@@ -733,6 +733,14 @@ class Broker:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
         if job.state not in (JobState.DEAD, JobState.CANCELLED):
             raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
+        holder = await self._call(self.dispatcher.held_by, job_id)
+        if holder is not None:
+            # Cancelled while running, and its worker has not said the attempt stopped (a sync
+            # task's thread cannot be interrupted): put back in line now, it could run twice at once.
+            raise RequestError(
+                ErrorCode.INVALID_STATE,
+                f"job {job_id} was cancelled but is still running on worker {holder.name}; retry it once that has stopped",
+            )
         await self._call(self.dispatcher.retry_nowait, job)
         # Answer once the retry is committed: until then the store still says dead, and a
         # wait on the job could read that and end at once, even after the job has run.
