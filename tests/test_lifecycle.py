@@ -398,3 +398,19 @@ async def test_a_result_that_times_out_ends_its_wait_on_the_broker_too(autojump_
         with pytest.raises(trioq.RemoteError) as info:  # a timeout must be a number of seconds
             await c._request(WaitJob(99, job_id, -1.0))
         assert info.value.code == "invalid_field"
+
+
+async def test_a_run_that_times_out_ends_its_wait_on_the_broker_too(autojump_clock, nursery):
+    """Client.run(result_timeout=) tells the broker the timeout with its SUBMIT: each timed-out
+    run's wait ends there at once, so runs never use up the connection's waits."""
+    broker = memory_broker(max_waits=3)
+    await broker.start_core(nursery)
+    async with client(broker, nursery) as c:
+        for _ in range(6):
+            t0 = trio.current_time()
+            with pytest.raises(TimeoutError, match="did not finish within 1"):
+                await c.run("noop", queue="held", result_timeout=1)
+            assert trio.current_time() - t0 == pytest.approx(1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not any(broker._waiters.values())
+        assert len(broker.dispatcher.live) == 6  # the jobs go on; only the waits ended

@@ -207,10 +207,12 @@ class Client:
         spec = JobSpec(task, {} if payload is None else payload, **options)
         if self.welcome is None or not self.welcome.submit_wait:
             return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)
-        msg = Submit(next(self._ids), [spec], wait=True)
+        # The broker is told the timeout too where it takes it, so the wait ends there as well.
+        told = result_timeout is not None and self.welcome.wait_timeout
+        msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=result_timeout if told else None)
         job_id = None
         try:
-            with trio.fail_after(math.inf if result_timeout is None else result_timeout):
+            with trio.fail_after(math.inf if result_timeout is None else result_timeout + (1.0 if told else 0.0)):
                 recv = self._open(msg, replies=2)
                 ack = await self._reply(recv, msg)
                 assert isinstance(ack, Ack)
@@ -220,6 +222,10 @@ class Client:
             if job_id is None:
                 raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
             raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
+        except RemoteError as exc:
+            if told and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
+                raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
+            raise
         finally:
             self._close(msg)
         assert isinstance(reply, JobReply)

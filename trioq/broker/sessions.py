@@ -260,7 +260,8 @@ class ProducerSession(Session):
         self.conn.send_nowait(Ack(msg.req, ids, existing))  # the id, in case the caller gives up first
         job_id = ids[0]
         # The wait goes on in a task of its own, without this request's slot (see _dispatch).
-        self._nursery.start_soon(self._serve, ProducerSession._wait_taken, WaitJob(msg.req, job_id), None, msg.req, None, 0)
+        wait = WaitJob(msg.req, job_id, msg.wait_timeout)
+        self._nursery.start_soon(self._serve, ProducerSession._wait_taken, wait, None, msg.req, None, 0)
 
     def _take_wait(self) -> None:
         if self.waits >= self.broker.config.max_waits:

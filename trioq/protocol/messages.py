@@ -103,6 +103,8 @@ class Submit(Message):
     jobs: list[JobSpec]
     #: one job, answered with its final state (JOB) instead of an ACK: submit and wait in one trip
     wait: bool = False
+    #: with ``wait``: seconds after which the wait ends with ERROR ``timeout`` (the job goes on)
+    wait_timeout: float | None = None
 
 
 @message("ack")
@@ -381,7 +383,10 @@ def _structure_submit(d: dict, _: Any) -> Submit:
     wait = d.get("wait", False)
     if type(wait) is not bool:
         raise FieldError("invalid value for type, expected a bool @ $.wait")
-    return Submit(_int(d, "req", "$"), specs, wait)
+    wait_timeout = _num(d, "wait_timeout", "$")
+    if wait_timeout is not None and not wait_timeout >= 0:
+        raise FieldError("wait_timeout must be a number of seconds, 0 or more @ $.wait_timeout")
+    return Submit(_int(d, "req", "$"), specs, wait, wait_timeout)
 
 
 def _unstructure_jobspec(j: JobSpec) -> dict:
@@ -404,6 +409,8 @@ def _unstructure_submit(m: Submit) -> dict:
     d = {"req": m.req, "jobs": [_unstructure_jobspec(j) for j in m.jobs]}
     if m.wait:
         d["wait"] = True
+    if m.wait_timeout is not None:
+        d["wait_timeout"] = m.wait_timeout
     return d
 
 
