@@ -301,6 +301,14 @@ def test_names_a_certificate_cannot_hold_and_a_task_beside_demo_are_refused(tmp_
     assert r.exit_code == 2 and "--demo submits its own jobs" in r.output
 
 
+def test_json_output_of_submit_is_one_object_a_job_whatever_the_count(broker):
+    for n in (1, 3):
+        r = trioq_cmd(broker, "submit", "noop", "--count", str(n), "--json")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert len(lines) == n and all(set(json.loads(line)) == {"id"} for line in lines)
+
+
 def test_demo_shows_the_urgent_job_overtaking_waiting_slow_jobs(broker):
     r = trioq_cmd(broker, "submit", "--demo", timeout=90)
     assert r.returncode == 0, r.stderr

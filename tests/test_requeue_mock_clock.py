@@ -83,12 +83,17 @@ async def test_priority_order_with_one_worker(autojump_clock, nursery):
     assert ran == [(1, 2), (3, 1), (3, 3), (5, 0), (5, 4)]
 
 
-async def test_lease_expires_exactly_at_timeout_plus_grace(autojump_clock, nursery):
+async def _a_leased_job(nursery):
+    """A job with a 5 s timeout (lease: 5 s + 1.5 s grace) held by a worker that stays alive."""
     broker = memory_broker(lease_grace=1.5)
     await broker.start_core(nursery)
     w = await FakeWorker.connect(broker, nursery, name="w", concurrency=1, heartbeat=1.0)
     (job_id,), _ = await broker.submit([JobSpec("slow_task", {"seconds": 100}, timeout=5.0)])
-    d = await w.next_delivery()
+    return broker, w, job_id, await w.next_delivery()
+
+
+async def test_lease_expires_exactly_at_timeout_plus_grace(autojump_clock, nursery):
+    broker, w, job_id, d = await _a_leased_job(nursery)
     t0 = trio.current_time()
     abort = await w.next_other(Abort)
     assert trio.current_time() - t0 == pytest.approx(6.5, abs=1e-9)
@@ -108,11 +113,7 @@ async def test_lease_expires_exactly_at_timeout_plus_grace(autojump_clock, nurse
 async def test_a_release_of_an_older_attempt_leaves_the_current_lease_alone(autojump_clock, nursery):
     """RELEASE is fenced like RESULT: one naming another attempt ended the current attempt's
     lease, and the job could then run past its timeout forever."""
-    broker = memory_broker(lease_grace=1.5)
-    await broker.start_core(nursery)
-    w = await FakeWorker.connect(broker, nursery, name="w", concurrency=1, heartbeat=1.0)
-    (job_id,), _ = await broker.submit([JobSpec("slow_task", {"seconds": 100}, timeout=5.0)])
-    d = await w.next_delivery()
+    broker, w, job_id, d = await _a_leased_job(nursery)
     t0 = trio.current_time()
     w.conn.send_nowait(Release([job_id], [d.attempt + 7]))  # not the attempt it holds
     with trio.fail_after(60):  # virtual seconds: without its lease the job never expires

@@ -432,8 +432,8 @@ async def _submit(c, spec: JobSpec) -> None:
     if n > 1:
         click.echo(f"submitted {n} jobs in {dt:.2f}s ({n / max(dt, 1e-9):,.0f} jobs/s)", err=True)
     if not o["wait"]:
-        for jid in ids:
-            click.echo(jid)
+        for jid in ids:  # one line a job, as with --count 1
+            click.echo(json.dumps({"id": jid}) if o["as_json"] else jid)
         return
     jobs = await _wait_all(c, ids, o["wait_timeout"], progress=n > 1)
     failed = 0
