@@ -299,6 +299,8 @@ def test_names_a_certificate_cannot_hold_and_a_task_beside_demo_are_refused(tmp_
     assert r.exit_code == 0 and (tmp_path / "c" / "server.pem").exists()
     r = runner.invoke(main, ["submit", "noop", "--demo", "--broker", "127.0.0.1:1"])
     assert r.exit_code == 2 and "--demo submits its own jobs" in r.output
+    r = runner.invoke(main, ["broker", "--http-allowed-host", "queue internal:8080"])  # refused before it starts
+    assert r.exit_code == 2 and "--http-allowed-host" in r.output and "neither an IP address nor a DNS name" in r.output
 
 
 def test_json_output_of_submit_is_one_object_a_job_whatever_the_count(broker):

@@ -8,7 +8,7 @@ import trio.testing
 
 import trioq
 from trioq.job import JobState
-from trioq.protocol.messages import WaitJob
+from trioq.protocol.messages import Submit, WaitJob
 from trioq.worker.registry import Fatal, Registry
 
 from .conftest import memory_broker, memory_connect
@@ -398,6 +398,11 @@ async def test_a_result_that_times_out_ends_its_wait_on_the_broker_too(autojump_
         with pytest.raises(trioq.RemoteError) as info:  # a timeout must be a number of seconds
             await c._request(WaitJob(99, job_id, -1.0))
         assert info.value.code == "invalid_field"
+        # the same for a SUBMIT with wait: refused before anything is stored, the session goes on
+        with pytest.raises(trioq.RemoteError) as info:
+            await c._request(Submit(98, [trioq.JobSpec("noop", queue="held")], wait=True, wait_timeout=-1.0))
+        assert info.value.code == "invalid_field" and "wait_timeout must be" in info.value.message
+        assert len(broker.dispatcher.live) == 1 and (await c.get_job(job_id)).id == job_id
 
 
 async def test_a_run_that_times_out_ends_its_wait_on_the_broker_too(autojump_clock, nursery):

@@ -234,7 +234,7 @@ def main() -> None:
 @click.option("--http-port", default=8080, type=click.IntRange(0, 65535), envvar="TRIOQ_HTTP_PORT", show_default=True)
 @click.option("--http-token", default=None, envvar="TRIOQ_HTTP_TOKEN", help="Bearer token for mutating API calls [default: generated, kept in CERTS_DIR/http-token].")
 @click.option("--http-tls", is_flag=True, envvar="TRIOQ_HTTP_TLS", help="Serve the API over HTTPS with the broker's certificate.")
-@click.option("--http-allowed-host", multiple=True, help="A Host header name the HTTP API answers to besides localhost, 127.0.0.1 and --san names (repeatable): requests naming any other host get 421 (DNS rebinding).")
+@click.option("--http-allowed-host", multiple=True, callback=lambda ctx, param, value: _check_sans(value, param), help="A Host header name the HTTP API answers to besides localhost, 127.0.0.1 and --san names (repeatable): requests naming any other host get 421 (DNS rebinding).")
 @click.option("--gc-tuning/--no-gc-tuning", default=True, envvar="TRIOQ_GC_TUNING", show_default=True,
               help="Rarer garbage collections: the broker holds every unfinished job in memory.")
 @click.option("--log-level", type=LOG_LEVELS, default="info", envvar="TRIOQ_LOG_LEVEL", show_default=True)

@@ -21,6 +21,12 @@ DEFAULT_MAX_WORKER_LOSSES = 5
 #: Task and queue names: they go into logs, metrics labels and the store unescaped.
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,200}\Z")  # \Z: no trailing newline
 
+def is_printable_name(name: str, longest: int = 200) -> bool:
+    """A name that goes into logs and job owners as it is: 1-``longest`` printable characters
+    (no newline to forge a log line with)."""
+    return 0 < len(name) <= longest and name.isprintable()
+
+
 BUILTIN_TASKS = ("reverse_string", "to_uppercase", "fibonacci", "is_prime", "slow_task", "noop")
 
 

@@ -186,19 +186,16 @@ def create_server_cert(paths: CertPaths, extra_sans: list[str] | tuple[str, ...]
     issue_certificate(paths, "trioq broker", paths.server_cert, paths.server_key, sans=sans)
 
 
-def warn_if_readable(*keys: Path) -> list[Path]:
-    """Private keys other local users can read get a warning at every start (they are made
-    0600; a copy or a chmod may have changed that)."""
-    exposed = []
-    for key in keys:
+def warn_if_readable(*secrets: Path) -> None:
+    """Secrets (keys, tokens) other local users can read get a warning at every start: they
+    are made 0600, but a copy or a chmod may have changed that."""
+    for path in secrets:
         try:
-            mode = stat.S_IMODE(key.stat().st_mode)
+            mode = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:
             continue
         if mode & 0o077:
-            log.warning("%s is readable by other users (mode %o); a private key should be 0600", key, mode)
-            exposed.append(key)
-    return exposed
+            log.warning("%s is readable by other users (mode %o); it should be 0600", path, mode)
 
 
 def ensure_certs(directory: str | os.PathLike[str], sans: list[str] | tuple[str, ...] = ()) -> tuple[CertPaths, bool]:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import attrs
 
+from ..job import is_printable_name
+
 log = logging.getLogger("trioq.broker")
 
 ROLES = ("producer", "worker", "admin")
@@ -98,7 +100,7 @@ class AuthFileError(ValueError):
 def check_credential_name(name: str) -> None:
     """A credential's name becomes its jobs' owner and goes into logs: printable, bounded
     (as HELLO names are), so it cannot forge log lines."""
-    if not name or len(name) > 200 or not name.isprintable():
+    if not is_printable_name(name):
         raise AuthFileError(f"a token name must be 1-200 printable characters, not {name[:50]!r}")
 
 

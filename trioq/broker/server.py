@@ -30,6 +30,7 @@ from ..job import (
     JobIds,
     JobSpec,
     JobState,
+    is_printable_name,
 )
 from ..protocol.framing import FramedConnection
 from ..protocol.messages import (
@@ -46,7 +47,7 @@ from ..store.memory import MemoryStore
 from ..store.sqlite import SQLiteStore
 from ..store.writer import StoreWriter
 from .auth import MAY_ACT_AS, Authenticator
-from .budget import JobBudget
+from .budget import BudgetShare, JobBudget
 from .config import BrokerConfig, is_loopback
 from .dispatcher import CALL, SUBMIT, Dispatcher, RetryPolicy, WorkerSlot
 from .events import EventHub
@@ -540,6 +541,15 @@ class Broker:
 
     # --- operations (used by sessions, the HTTP API and tests) -----------------------------
 
+    async def submit_share(self, jobs: int) -> BudgetShare:
+        """A submit's jobs from the budget of uncommitted jobs, for every way in (TLS, HTTP);
+        waiting for it if it is spent. A submit that will wait for room under --max-queued
+        takes none: it must not keep other producers waiting for its 30 s."""
+        share = BudgetShare(self.submit_budget)
+        if self.dispatcher.has_room(self.config.max_queued):
+            await share.take(jobs)
+        return share
+
     async def submit(
         self, specs: list[JobSpec], *, owner: str | None = None, frame_size: int | None = None,
         before_waiting: Callable[[], None] | None = None,
@@ -826,7 +836,7 @@ MAX_HELLO_FRAME = 128 * 1024
 
 def check_hello(hello: Hello) -> None:
     """Refuse HELLO values that would end up in logs, jobs or the store unchecked."""
-    if len(hello.name) > MAX_NAME or not hello.name.isprintable():
+    if hello.name and not is_printable_name(hello.name, MAX_NAME):
         raise ProtocolError(ErrorCode.INVALID_FIELD, f"name must be at most {MAX_NAME} printable characters")
     for task, defaults in hello.defaults.items():
         if not NAME_RE.match(task):

@@ -62,10 +62,10 @@ from ..protocol.messages import (
     Welcome,
     fits_in_frames,
 )
-from .budget import BudgetShare
 from .dispatcher import CALL, EXPIRE, LEAVE, OUTCOME, RELEASE, WorkerSlot
 
 if TYPE_CHECKING:
+    from .budget import BudgetShare
     from .server import Broker
 
 log = logging.getLogger("trioq.broker")
@@ -190,8 +190,7 @@ class ProducerSession(Session):
             if type(msg) is Submit and self._takes_budget(msg):
                 # Not another frame is read while the broker holds its fill of uncommitted
                 # jobs (the last await before the request is handed over to _serve).
-                share = BudgetShare(self.broker.submit_budget)
-                await share.take(len(msg.jobs))
+                share = await self.broker.submit_share(len(msg.jobs))
                 handler = partial(handler, share=share)  # _submit gives it back, however it ends
             nursery.start_soon(self._serve, handler, msg, limiter, req, borrower, size)
         except BaseException:  # never handed over: _serve and _submit would have given both back
@@ -201,13 +200,10 @@ class ProducerSession(Session):
             raise
 
     def _takes_budget(self, msg: Submit) -> bool:
-        """A SUBMIT that will be refused at once (too large, empty, malformed) or that would
-        wait for room under --max-queued holds no jobs' worth of the budget: it must neither
-        wait behind others' commits for its error nor keep them waiting for its 30 s."""
+        """A SUBMIT that will be refused at once (too large, empty, malformed) holds no jobs'
+        worth of the budget: it must not wait behind others' commits for its error."""
         n = len(msg.jobs)
-        if n == 0 or n > self.broker.config.max_batch or (msg.wait and n != 1):
-            return False
-        return self.broker.dispatcher.has_room(self.broker.config.max_queued)
+        return 0 < n <= self.broker.config.max_batch and not (msg.wait and n != 1)
 
     async def _serve(
         self, handler, msg: Message, limiter: trio.CapacityLimiter | None, req: int | None, borrower: object, size: int,
@@ -249,7 +245,7 @@ class ProducerSession(Session):
         """One job: an ACK once it is stored, then its final state; a WAIT fewer than SUBMIT, WAIT."""
         if len(msg.jobs) != 1:
             raise RequestError(ErrorCode.INVALID_FIELD, "a SUBMIT with wait takes exactly one job @ $.jobs")
-        self._take_wait()  # refused before anything is stored
+        self._take_wait(msg.wait_timeout, "wait_timeout")  # refused before anything is stored
         try:
             ids, existing = await self.broker.submit(
                 msg.jobs, owner=self.owner, frame_size=size, before_waiting=before_waiting,
@@ -263,7 +259,9 @@ class ProducerSession(Session):
         wait = WaitJob(msg.req, job_id, msg.wait_timeout)
         self._nursery.start_soon(self._serve, ProducerSession._wait_taken, wait, None, msg.req, None, 0)
 
-    def _take_wait(self) -> None:
+    def _take_wait(self, timeout: float | None, field: str) -> None:
+        if timeout is not None and not timeout >= 0:  # a value out of range: not fatal
+            raise RequestError(ErrorCode.INVALID_FIELD, f"{field} must be a number of seconds, 0 or more @ $.{field}")
         if self.waits >= self.broker.config.max_waits:
             raise RequestError(ErrorCode.BUSY, "too many outstanding waits on this connection")
         self.waits += 1
@@ -296,15 +294,13 @@ class ProducerSession(Session):
         self.conn.send_nowait(JobsReply(msg.req, page.jobs, page.next_cursor))
 
     async def _wait(self, msg: WaitJob, _size: int = 0) -> None:
-        self._take_wait()
+        self._take_wait(msg.timeout, "timeout")
         await self._wait_taken(msg)
 
     async def _wait_taken(self, msg: WaitJob, _size: int = 0) -> None:
-        """Answer once the job is final; the wait was counted by whoever called."""
+        """Answer once the job is final; the wait was counted (and its timeout checked) by
+        whoever called."""
         timeout = msg.timeout
-        if timeout is not None and not timeout >= 0:
-            self.waits -= 1
-            raise RequestError(ErrorCode.INVALID_FIELD, "timeout must be a number of seconds, 0 or more @ $.timeout")
         try:
             if timeout is None:  # the common case, without a cancel scope
                 job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
@@ -437,10 +433,8 @@ def check_worker_hello(hello: Hello, max_concurrency: int) -> None:
 class WorkerSession(Session):
     async def run(self, task_status: trio.TaskStatus[WorkerSlot] = trio.TASK_STATUS_IGNORED) -> None:
         broker = self.broker
-        cfg = broker.config
         hello = self.hello
-        check_worker_hello(hello, cfg.max_concurrency)  # before WELCOME too; tests call run directly
-        now = broker.now()
+        now = broker.now()  # the HELLO was checked before WELCOME (check_worker_hello)
         self.slot = slot = WorkerSlot(
             id=self.id,
             name=hello.name or f"worker-{self.id}",

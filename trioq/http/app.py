@@ -30,7 +30,6 @@ from starlette.staticfiles import StaticFiles
 
 import trioq
 
-from ..broker.budget import BudgetShare
 from ..broker.server import worker_view
 from ..broker.sessions import RequestError
 from ..errors import ErrorCode, StoreError
@@ -341,12 +340,9 @@ class HttpApi:
         except Exception as exc:  # cattrs raises validation error groups and more
             raise ApiError(422, "invalid_field", describe_structure_error(exc)) from None
         broker = self.broker
-        # Counted with the producers' SUBMITs in the budget of uncommitted jobs; like theirs,
-        # a submit that will wait for room under --max-queued holds none of it.
-        share = BudgetShare(broker.submit_budget)
+        # Counted with the producers' SUBMITs in the budget of uncommitted jobs.
+        share = await broker.submit_share(1)
         try:
-            if broker.dispatcher.has_room(broker.config.max_queued):
-                await share.take(1)
             ids, existing = await broker.submit([spec], before_waiting=share.give_back)
         except RequestError as exc:
             raise self.refused(exc) from None

@@ -11,7 +11,6 @@ import logging
 import os
 import secrets
 import ssl
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from ..broker.config import BrokerConfig, is_loopback
-from ..tls import SERVER_CERT, SERVER_KEY, TLS_VERSIONS
+from ..tls import SERVER_CERT, SERVER_KEY, TLS_VERSIONS, warn_if_readable
 from .app import LOOPBACK_NAMES, create_app
 
 if TYPE_CHECKING:
@@ -52,9 +51,7 @@ def load_or_create_token(certs_dir: str | os.PathLike[str]) -> tuple[str, Path, 
             pass
         else:
             if text:
-                mode = stat.S_IMODE(path.stat().st_mode)
-                if mode & 0o077:
-                    log.warning("%s is readable by other users (mode %o); it should be 0600", path, mode)
+                warn_if_readable(path)
                 return text, path, False
         token = secrets.token_urlsafe(32)
         path.parent.mkdir(parents=True, exist_ok=True)

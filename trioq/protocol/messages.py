@@ -383,10 +383,7 @@ def _structure_submit(d: dict, _: Any) -> Submit:
     wait = d.get("wait", False)
     if type(wait) is not bool:
         raise FieldError("invalid value for type, expected a bool @ $.wait")
-    wait_timeout = _num(d, "wait_timeout", "$")
-    if wait_timeout is not None and not wait_timeout >= 0:
-        raise FieldError("wait_timeout must be a number of seconds, 0 or more @ $.wait_timeout")
-    return Submit(_int(d, "req", "$"), specs, wait, wait_timeout)
+    return Submit(_int(d, "req", "$"), specs, wait, _num(d, "wait_timeout", "$"))
 
 
 def _unstructure_jobspec(j: JobSpec) -> dict:

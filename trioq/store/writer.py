@@ -135,15 +135,23 @@ class StoreWriter:
         for flush_sync.
         """
         self._stopped = True
-        error = StoreError("the broker is stopping")
+        left: list[_Request] = []
         while True:
             try:
-                req = self._recv.receive_nowait()
+                left.append(self._recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
+        for req in left:
             if not req.new:
                 for job in req.jobs:
                     self._dirty[job.id] = job
+        self._abandon(left)
+
+    def _abandon(self, requests: list[_Request]) -> None:
+        """Requests the stopping writer will not commit: their callers are told, and their
+        task names kept for flush_sync (the rows are the caller's to keep or drop)."""
+        error = StoreError("the broker is stopping")
+        for req in requests:
             self._pending_tasks.update(req.tasks)
             if req.done is not None:
                 req.error = error
@@ -231,12 +239,7 @@ class StoreWriter:
             for job_id, job in pending.items():
                 if job_id not in new:
                     self._dirty[job_id] = job
-            self._pending_tasks.update(tasks)
-            stopping = StoreError("the broker is stopping")
-            for req in batch:
-                if req.done is not None:
-                    req.error = stopping
-                    req.done.set()
+            self._abandon(batch)
             raise
         if not self.healthy:
             log.warning("store writes succeed again")
