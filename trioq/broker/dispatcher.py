@@ -235,6 +235,52 @@ class _Line:
             yield from lane
 
 
+class _Backlog:
+    """The journal's unfinished jobs not loaded yet, while a restart loads them in seq order.
+
+    The broker serves while it loads, so a job may only reach its line when no job still
+    in the journal could come before it: none of the same line at a more urgent priority,
+    and none of its own priority with a smaller seq. Until the journal's lines are known,
+    nothing reaches a line. Jobs that must wait are held here, in arrival order, per line.
+    """
+
+    __slots__ = ("end", "frontier", "tails", "pending", "held")
+
+    def __init__(self, end: int) -> None:
+        self.end = end  # jobs from the journal have seq < end; new ones seq >= end
+        self.frontier = 0  # every unfinished journal job with seq < frontier is loaded
+        #: per line, per priority: the largest seq still to load (lanes not loaded yet)
+        self.tails: dict[tuple[str, str], dict[int, int]] | None = None
+        self.pending = 0  # journal jobs not loaded yet
+        self.held: dict[tuple[str, str], list[Job]] = {}
+
+    def holds(self, key: tuple[str, str], job: Job) -> bool:
+        if self.tails is None:
+            return True
+        tails = self.tails.get(key)
+        if tails:
+            priority = job.priority
+            for p in tails:
+                if p < priority or (p == priority and job.seq >= self.frontier):
+                    return True
+        return False
+
+    def advance(self, frontier: int) -> set[tuple[str, str]]:
+        """Lanes loaded up to ``frontier`` are whole: the lines whose holds may now pass."""
+        self.frontier = frontier
+        opened = set()
+        assert self.tails is not None
+        for key, tails in list(self.tails.items()):
+            done = [p for p, top in tails.items() if top < frontier]
+            for p in done:
+                del tails[p]
+            if done:
+                opened.add(key)
+            if not tails:
+                del self.tails[key]
+        return opened
+
+
 @attrs.frozen
 class DispatcherStatistics:
     queued: int
@@ -251,6 +297,7 @@ class DispatcherStatistics:
     cancelled: int
     requeued: int
     retried: int
+    restoring: int = 0  # journal jobs not loaded yet (a restart in progress)
 
 
 # Events posted on the inbox: a tag and its arguments.
@@ -281,7 +328,8 @@ class Dispatcher:
         self.on_change = on_change or (lambda jobs: None)
         self._lines: dict[tuple[str, str], _Line] = {}
         self._scheduled: list[tuple[float, int, int, Job]] = []
-        self.live: dict[str, Job] = {}  # every unfinished job by id
+        self.live: dict[str, Job] = {}  # every unfinished job by id (loaded, while restoring)
+        self._backlog: _Backlog | None = None  # a restart still loading the journal
         #: jobs between Broker.submit's check for room and their SUBMIT event (being committed)
         self.reserved = 0
         #: unfinished jobs by (owner, idempotency key): each credential has keys of its own,
@@ -327,6 +375,84 @@ class Dispatcher:
     def restore(self, jobs: Iterable[Job], next_seq: int) -> list[Job]:
         """Put recovered unfinished jobs back in line; running ones count as lost."""
         self._next_seq = max(self._next_seq, next_seq)
+        requeued, pending = self._recover(jobs)
+        for key, batch in pending.items():
+            self._line(key).extend(batch)
+        return requeued
+
+    # A restart that serves while it loads: begin_restore, then restore_lines once the
+    # journal's lines are known, then restore_chunk until the frontier reaches the end.
+
+    def begin_restore(self, end: int) -> None:
+        """Jobs from the journal have seq < ``end``; until restore_lines, none is dispatched."""
+        self._next_seq = max(self._next_seq, end)
+        self._backlog = _Backlog(end)
+
+    @property
+    def restoring(self) -> bool:
+        return self._backlog is not None
+
+    def may_be_unloaded(self, seq: int | None) -> bool:
+        """Whether a job of this seq (None: unknown) may be in the journal, not loaded yet."""
+        b = self._backlog
+        return b is not None and (seq is None or b.frontier <= seq < b.end)
+
+    def restore_lines(self, lines: Iterable[tuple[str, str, int, int, int]]) -> None:
+        """The journal's unfinished jobs per (queue, task, priority): their count and last seq."""
+        b = self._backlog
+        assert b is not None and b.tails is None
+        tails: dict[tuple[str, str], dict[int, int]] = {}
+        for queue, task, priority, count, top in lines:
+            tails.setdefault((queue, task), {})[priority] = top
+            b.pending += count
+        b.tails = tails
+        self._release_held(list(b.held))
+
+    def restore_chunk(self, jobs: list[Job], frontier: int) -> list[Job]:
+        """The journal's next jobs in seq order; every one below ``frontier`` is now loaded."""
+        b = self._backlog
+        assert b is not None and b.tails is not None
+        self._release_held(b.advance(frontier))
+        b.pending = max(0, b.pending - len(jobs))
+        requeued, pending = self._recover(jobs)
+        tails = b.tails
+        held = b.held
+        for key, batch in pending.items():
+            if key in tails:
+                go = []
+                for job in batch:
+                    if b.holds(key, job):
+                        held.setdefault(key, []).append(job)
+                    else:
+                        go.append(job)
+                batch = go
+            self._line(key).extend(batch)
+        if frontier >= b.end:
+            self._release_held(list(held))
+            assert not held, "a job held past the end of the restore"
+            self._backlog = None
+        return requeued
+
+    def _release_held(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Held jobs of these lines that may now reach them (cancelled ones are dropped)."""
+        b = self._backlog
+        assert b is not None
+        for key in keys:
+            jobs = b.held.pop(key, None)
+            if not jobs:
+                continue
+            keep, go = [], []
+            for job in jobs:
+                if job.state is _QUEUED:
+                    (keep if b.holds(key, job) else go).append(job)
+            if keep:
+                b.held[key] = keep
+            if go:
+                self._line(key).extend(go)
+
+    def _recover(self, jobs: Iterable[Job]) -> tuple[list[Job], dict[tuple[str, str], list[Job]]]:
+        """Jobs read back from the journal: running ones count as lost (requeued, or dead),
+        scheduled ones wait for their time, the rest are returned per line, in seq order."""
         requeued: list[Job] = []
         live = self.live
         pending: dict[tuple[str, str], list[Job]] = {}
@@ -360,9 +486,7 @@ class Dispatcher:
             if job.idempotency_key:
                 idempotency[job.owner, job.idempotency_key] = job
         self.n_queued += n
-        for key, batch in pending.items():
-            self._line(key).extend(batch)
-        return requeued
+        return requeued, pending
 
     # --- the inbox ---------------------------------------------------------------
 
@@ -422,7 +546,12 @@ class Dispatcher:
             self.n_scheduled += 1
             return
         job.state = JobState.QUEUED
-        self._line((job.queue, job.task)).push(job)
+        key = (job.queue, job.task)
+        b = self._backlog
+        if b is not None and b.holds(key, job):
+            b.held.setdefault(key, []).append(job)
+        else:
+            self._line(key).push(job)
         self.n_queued += 1
 
     def _line(self, key: tuple[str, str]) -> _Line:
@@ -749,7 +878,8 @@ class Dispatcher:
         """Fewer than ``limit`` unfinished jobs, counting those being committed (``reserved``):
         SUBMITs read together cannot all pass the check before the first of them is stored,
         so the limit is passed by at most one SUBMIT's batch."""
-        return len(self.live) + self.reserved < limit
+        b = self._backlog
+        return len(self.live) + self.reserved + (b.pending if b is not None else 0) < limit
 
     def unreserve(self, n: int) -> None:
         """Jobs counted by ``reserved`` that will not be stored after all (a failed commit)."""
@@ -770,7 +900,8 @@ class Dispatcher:
     def queued_jobs(self) -> list[Job]:
         """Every queued job in dispatch order (for tests and status)."""
         # A job cancelled and retried has a stale entry beside its live one: count it once.
-        jobs = {j.id: j for line in self._lines.values() for j in line if j.state is JobState.QUEUED}
+        held = self._backlog.held.values() if self._backlog is not None else ()
+        jobs = {j.id: j for line in (*self._lines.values(), *held) for j in line if j.state is JobState.QUEUED}
         return sorted(jobs.values(), key=lambda j: (j.priority, j.seq))
 
     def queue_depths(self) -> dict[str, dict[int, int]]:
@@ -798,6 +929,7 @@ class Dispatcher:
             cancelled=self.cancelled,
             requeued=self.requeued,
             retried=self.retried,
+            restoring=self._backlog.pending if self._backlog is not None else 0,
         )
 
 

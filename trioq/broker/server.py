@@ -42,7 +42,7 @@ from ..protocol.messages import (
     Welcome,
     fits_in_frames,
 )
-from ..store.base import JobPage, Store
+from ..store.base import Backlog, JobPage, Store
 from ..store.memory import MemoryStore
 from ..store.sqlite import SQLiteStore
 from ..store.writer import StoreWriter
@@ -175,6 +175,8 @@ class Broker:
         #: jobs whose final state was committed lately: answers waits without a store read,
         #: and closes the race between a store read and the commit that ends the job
         self._recent: OrderedDict[str, Job] = OrderedDict()
+        #: set once every unfinished job of the journal is loaded (a restart serves before)
+        self.restored = trio.Event()
         self.connections = 0
         self.started_at = now()
         self.dispatch_latency: list[float] = []  # recent queue waits, for metrics
@@ -226,7 +228,12 @@ class Broker:
         task_status.started(BrokerHandle(self, cfg.host, port, self.http_port, nursery.cancel_scope))
 
     async def start_core(self, nursery: trio.Nursery) -> None:
-        """Recover from the store and start the writer, dispatcher and purge loop."""
+        """Recover from the store and start the writer, dispatcher and purge loop.
+
+        A store that can hands over its unfinished jobs to load while the broker serves
+        (``_restore``): a restart of a long backlog takes connections at once, and dispatches
+        as soon as the order of what is loaded is certain.
+        """
         store = self.store
         t0 = time.perf_counter()
         # A recovery makes a million long-lived objects: the cyclic GC would scan them again and
@@ -234,7 +241,10 @@ class Broker:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            recovered = store.open_sync() if store.inline else await trio.to_thread.run_sync(store.open_sync)
+            if store.inline:
+                recovered = store.open_sync()
+            else:
+                recovered = await trio.to_thread.run_sync(partial(store.open_sync, load=False))
             t_read = time.perf_counter() - t0
             d = self.dispatcher
             d.known_tasks.update(BUILTIN_TASKS)
@@ -242,7 +252,10 @@ class Broker:
             d.known_tasks.update(recovered.tasks)
             d.paused.update(recovered.paused_queues)
             self.job_ids = recovered.job_ids
-            if store.inline:
+            if recovered.backlog is not None:
+                d.begin_restore(recovered.next_seq)
+                requeued = []
+            elif store.inline:
                 self._seed_finished(store.counts_sync())
                 requeued = d.restore(recovered.jobs, recovered.next_seq)
             else:
@@ -252,23 +265,26 @@ class Broker:
                     counting.start_soon(self._count_finished)
                     await trio.lowlevel.checkpoint()  # the counting thread starts first
                     requeued = d.restore(recovered.jobs, recovered.next_seq)
-        finally:
+        except BaseException:
             if gc_was_enabled:
                 gc.enable()
-        if len(recovered.jobs) > 10_000:
-            gc.freeze()  # jobs hold no cycles: refcounting frees them when they finish
+            raise
         await nursery.start(self.writer.run)
-        if requeued:
-            self.journal(requeued)
-            log.warning(
-                "recovered %d running job(s) from the last run and requeued them: %s",
-                len(requeued), ", ".join(j.id for j in requeued[:20]),
+        if recovered.backlog is not None:
+            await nursery.start(d.run)
+            nursery.start_soon(self._restore, recovered.backlog, recovered.next_seq, gc_was_enabled)
+        else:
+            if gc_was_enabled:
+                gc.enable()
+            if len(recovered.jobs) > 10_000:
+                gc.freeze()  # jobs hold no cycles: refcounting frees them when they finish
+            self._requeued_at_start(requeued)
+            log.info(
+                "store %s: %d unfinished job(s) restored in %.2fs (read %.2fs)", store.description,
+                len(recovered.jobs), time.perf_counter() - t0, t_read,
             )
-        log.info(
-            "store %s: %d unfinished job(s) restored in %.2fs (read %.2fs)", store.description,
-            len(recovered.jobs), time.perf_counter() - t0, t_read,
-        )
-        await nursery.start(d.run)
+            self.restored.set()
+            await nursery.start(d.run)
         nursery.start_soon(self._purge_loop)
         nursery.start_soon(self._mark_loop)
         nursery.start_soon(partial(
@@ -276,8 +292,63 @@ class Broker:
             every=self.config.heap_trim_interval, threshold=self.config.heap_trim_rows,
         ))
 
+    #: Jobs read from the journal per step of a restore: each step holds the event loop for
+    #: about 2 µs a job (the dispatcher's part), while the reading runs in a thread.
+    restore_chunk = 20_000
+
+    async def _restore(self, backlog: Backlog, end: int, gc_was_enabled: bool) -> None:
+        """Load the journal's unfinished jobs in seq order while serving (see _Backlog)."""
+        t0 = time.perf_counter()
+        d = self.dispatcher
+        loaded = 0
+        try:
+            # Retries, discards and purges change the counts of finished jobs: they wait until
+            # the counts read from the snapshot are in (see _merge_finished).
+            async with self._finished_rows:
+                lines = await trio.to_thread.run_sync(backlog.lines_sync)
+                await self._call(d.restore_lines, lines)
+                after = 0
+                while True:
+                    jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, self.restore_chunk)
+                    loaded += len(jobs)
+                    last = len(jobs) < self.restore_chunk
+                    frontier = end if last else jobs[-1].seq + 1
+                    self._requeued_at_start(await self._call(d.restore_chunk, jobs, frontier))
+                    if last:
+                        break
+                    after = jobs[-1].seq
+                self._merge_finished(await trio.to_thread.run_sync(backlog.counts_sync))
+        finally:
+            backlog.close_sync()
+            if gc_was_enabled:
+                gc.enable()
+        if loaded > 10_000:
+            gc.freeze()  # jobs hold no cycles: refcounting frees them when they finish
+        self.restored.set()
+        log.info(
+            "store %s: %d unfinished job(s) restored in %.2fs while serving", self.store.description,
+            loaded, time.perf_counter() - t0,
+        )
+
+    def _requeued_at_start(self, requeued: list[Job]) -> None:
+        if requeued:
+            self.journal(requeued)
+            log.warning(
+                "recovered %d running job(s) from the last run and requeued them: %s",
+                len(requeued), ", ".join(j.id for j in requeued[:20]),
+            )
+
     async def _count_finished(self) -> None:
         self._seed_finished(await trio.to_thread.run_sync(self.store.counts_sync))
+
+    def _merge_finished(self, counts: dict[str, dict[str, int]]) -> None:
+        """Counts from the journal at open, added to those of jobs finished since."""
+        finished = self.dispatcher.finished
+        terminal = {s.value for s in TERMINAL_STATES}
+        for task, per in counts.items():
+            for state, n in per.items():
+                if state in terminal:
+                    finished[task, state] = finished.get((task, state), 0) + n
 
     def _seed_finished(self, counts: dict[str, dict[str, int]]) -> None:
         terminal = {s.value for s in TERMINAL_STATES}
@@ -564,6 +635,8 @@ class Broker:
         if frame_size is None or frame_size > 2 * MAX_PAYLOAD_DEPTH:
             check_payload_depth(specs)
         d = self.dispatcher
+        if not self.restored.is_set() and any(spec.idempotency_key is not None for spec in specs):
+            await self.restored.wait()  # the job a key names may not be loaded yet
         if not d.has_room(self.config.max_queued):
             if before_waiting is not None:
                 before_waiting()
@@ -645,6 +718,11 @@ class Broker:
         if job is None:
             if not isinstance(job_id, str) or len(job_id) > 64:
                 return None
+            if self.dispatcher.may_be_unloaded(self.job_ids.seq_of(job_id)):
+                # Still in the journal as it was at the crash (a running job there is about
+                # to be requeued): its answer, and any change to it, waits for the restore.
+                await self.restored.wait()
+                return await self.get_job(job_id, owner=owner)
             store = self.store
             job = store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
             # The job may have ended while the store was read: the newer state wins.
@@ -807,7 +885,9 @@ class Broker:
             fin[state] = fin.get(state, 0) + n
         jobs = {"queued": st.queued, "scheduled": st.scheduled, "running": st.running, **fin}
         return {
-            "queue_size": st.queued + st.scheduled,
+            "queue_size": st.queued + st.scheduled + st.restoring,
+            # a restart serves while it loads the journal: its unfinished jobs not loaded yet
+            "restoring": st.restoring,
             "workers": {
                 "total": st.workers, "idle": st.idle_workers, "busy": st.busy_workers,
                 "capacity": sum(w.concurrency for w in d.workers.values()),

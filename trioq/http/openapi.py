@@ -110,6 +110,7 @@ SCHEMAS: dict[str, Any] = {
         ],
         "properties": {
             "queue_size": INT,
+            "restoring": {**INT, "description": "Unfinished jobs of the journal not loaded yet: a restart serves while it loads them"},
             "workers": _object({"total": INT, "idle": INT, "busy": INT}),
             "jobs": _object({s.value: INT for s in JobState}),
             "requeued": INT,

@@ -27,6 +27,32 @@ class Recovered:
     paused_queues: list[str]
     #: How this store names jobs: ids must map back to seq (see JobIds).
     job_ids: JobIds
+    #: With ``open_sync(load=False)``, where the store can: the unfinished jobs to load
+    #: while the broker serves (``jobs`` is then empty).
+    backlog: Backlog | None = None
+
+
+class Backlog(abc.ABC):
+    """The journal as it was at open, read in parts while the broker already serves.
+
+    Reads see the journal at open, whatever is written after: jobs the broker changed or
+    added since are never read back as they were.
+    """
+
+    @abc.abstractmethod
+    def lines_sync(self) -> list[tuple[str, str, int, int, int]]:
+        """(queue, task, priority, count, largest seq) of the unfinished jobs."""
+
+    @abc.abstractmethod
+    def chunk_sync(self, after: int, limit: int) -> list[Job]:
+        """Up to ``limit`` unfinished jobs with seq > ``after``, in seq order."""
+
+    @abc.abstractmethod
+    def counts_sync(self) -> dict[str, dict[str, int]]:
+        """Jobs per task and state, as Store.counts_sync."""
+
+    @abc.abstractmethod
+    def close_sync(self) -> None: ...
 
 
 @attrs.frozen
@@ -44,8 +70,9 @@ class Store(abc.ABC):
     description: str = ""
 
     @abc.abstractmethod
-    def open_sync(self) -> Recovered:
-        """Create or migrate the schema; return what must be in memory."""
+    def open_sync(self, *, load: bool = True) -> Recovered:
+        """Create or migrate the schema; return what must be in memory. ``load=False``: a
+        store that can may hand the unfinished jobs over later, as ``Recovered.backlog``."""
 
     @abc.abstractmethod
     def close_sync(self) -> None: ...

@@ -23,7 +23,7 @@ class MemoryStore(Store):
         self.fail_writes: BaseException | None = None  # fault injection for tests
         self.job_ids = JobIds(JobIds.new_key())
 
-    def open_sync(self) -> Recovered:
+    def open_sync(self, *, load: bool = True) -> Recovered:
         jobs = [self._by_seq[s] for s in self._seqs if not self._by_seq[s].state.terminal]
         nxt = self._seqs[-1] + 1 if self._seqs else 1
         return Recovered(jobs, nxt, sorted(self._tasks), sorted(self._paused), self.job_ids)

@@ -30,7 +30,7 @@ from ..job import (
     Progress,
     shared_name,
 )
-from .base import JobPage, Recovered, Store
+from .base import Backlog, JobPage, Recovered, Store
 
 log = logging.getLogger("trioq.store")
 
@@ -200,6 +200,41 @@ def _text_bytes(rows: Sequence[tuple]) -> int:
     return sum(len(v) for r in rows for v in r if type(v) is bytes or type(v) is str)
 
 
+class _SnapshotBacklog(Backlog):
+    """Reads through a connection of its own that holds one read transaction from open to
+    close: SQLite's WAL keeps that snapshot for it, whatever the broker commits meanwhile."""
+
+    def __init__(self, store: SQLiteStore, end: int) -> None:
+        self.end = end
+        self._fresh = _FreshRows()
+        self._store = store
+        conn = self._conn = store._connect()
+        conn.execute("BEGIN")
+        conn.execute("SELECT count(*) FROM meta").fetchone()  # the snapshot starts at a read
+
+    def lines_sync(self) -> list[tuple[str, str, int, int, int]]:
+        return self._conn.execute(
+            "SELECT queue, task, priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) "
+            "GROUP BY queue, task, priority", UNFINISHED,
+        ).fetchall()
+
+    def chunk_sync(self, after: int, limit: int) -> list[Job]:
+        return self._store._unfinished(self._conn, after, limit, self._fresh)
+
+    def counts_sync(self) -> dict[str, dict[str, int]]:
+        return _counts(self._conn)
+
+    def close_sync(self) -> None:
+        self._conn.close()
+
+
+def _counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for task, state, n in conn.execute("SELECT task, state, count(*) FROM jobs GROUP BY task, state"):
+        out.setdefault(task, {})[state] = n
+    return out
+
+
 class SQLiteStore(Store):
     inline = False
     #: Batches of at least this many rows are written as one JSON value (_json_batch).
@@ -272,7 +307,7 @@ class SQLiteStore(Store):
 
     # --- lifecycle ----------------------------------------------------------------
 
-    def open_sync(self) -> Recovered:
+    def open_sync(self, *, load: bool = True) -> Recovered:
         if self.path != ":memory:":
             path = Path(self.path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,11 +325,17 @@ class SQLiteStore(Store):
         (legacy,) = w.execute("SELECT value FROM meta WHERE key='legacy_id_max_seq'").fetchone() or (0,)
         self._legacy_max_seq = int(legacy)
         self._r = self._connect() if self.path != ":memory:" else w
-        jobs = self._unfinished(w)
         (max_seq,) = w.execute("SELECT max(seq) FROM jobs").fetchone()
+        end = (max_seq or 0) + 1
+        backlog = None
+        if load or self.path == ":memory:":
+            jobs = self._unfinished(w)
+        else:
+            jobs = []
+            backlog = _SnapshotBacklog(self, end)
         tasks = [r[0] for r in w.execute("SELECT name FROM tasks ORDER BY name")]
         paused = [r[0] for r in w.execute("SELECT name FROM paused_queues ORDER BY name")]
-        return Recovered(jobs, (max_seq or 0) + 1, tasks, paused, self.job_ids)
+        return Recovered(jobs, end, tasks, paused, self.job_ids, backlog)
 
     #: How long growing the WAL at open waits for another connection's write lock before it
     #: gives up (it is an optimisation: the broker starts either way).
@@ -352,19 +393,22 @@ class SQLiteStore(Store):
         finally:
             os.close(fd)
 
-    def _unfinished(self, w: sqlite3.Connection) -> list[Job]:
-        """Unfinished jobs in seq order, for the dispatcher's lines.
+    def _unfinished(
+        self, w: sqlite3.Connection, after: int = 0, limit: int = -1, fresh_rows: _FreshRows | None = None,
+    ) -> list[Job]:
+        """Unfinished jobs in seq order after ``after``, for the dispatcher's lines.
 
         One scan: most of them were never run and are read with the few columns of
         _FRESH_SELECT; the rare others are flagged and read again in full by seq.
         """
-        fresh = _FreshRows().job
+        fresh = (fresh_rows or _FreshRows()).job
         jobs: list[Job] = []
         used: list[int] = []  # positions in jobs of rows that are not pristine
         # Row by row, not fetchall(): a million rows held at once would stay in the process's
         # memory long after they are freed.
         for r in w.execute(
-            f"SELECT {_FRESH_SELECT}, {_PRISTINE} FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq", UNFINISHED
+            f"SELECT {_FRESH_SELECT}, {_PRISTINE} FROM jobs WHERE state IN (?, ?, ?) AND seq > ? ORDER BY seq LIMIT ?",
+            (*UNFINISHED, after, limit),
         ):
             if not r[8]:
                 used.append(len(jobs))
@@ -657,9 +701,6 @@ class SQLiteStore(Store):
         return JobPage(jobs, jobs[-1].seq if len(rows) > limit else None)
 
     def counts_sync(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
-        for task, state, n in self._read(
-            "SELECT task, state, count(*) FROM jobs GROUP BY task, state", ()
-        ):
-            out.setdefault(task, {})[state] = n
-        return out
+        assert self._r is not None, "store is not open"
+        with self._read_lock:
+            return _counts(self._r)
