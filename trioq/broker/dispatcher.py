@@ -238,47 +238,42 @@ class _Line:
 class _Backlog:
     """The journal's unfinished jobs not loaded yet, while a restart loads them in seq order.
 
-    The broker serves while it loads, so a job may only reach its line when no job still
-    in the journal could come before it: none of the same line at a more urgent priority,
-    and none of its own priority with a smaller seq. Until the journal's lines are known,
-    nothing reaches a line. Jobs that must wait are held here, in arrival order, per line.
+    The broker serves while it loads, so a job may only reach its line when no job still in
+    the journal could come before it in any worker's order: none at a more urgent priority,
+    none at its own with a smaller seq. Until the journal's priorities are known, nothing
+    reaches a line. Jobs that must wait are held here, per line, in arrival order.
     """
 
-    __slots__ = ("end", "frontier", "tails", "pending", "held")
+    __slots__ = ("end", "frontier", "tails", "first", "pending", "held")
 
     def __init__(self, end: int) -> None:
         self.end = end  # jobs from the journal have seq < end; new ones seq >= end
         self.frontier = 0  # every unfinished journal job with seq < frontier is loaded
-        #: per line, per priority: the largest seq still to load (lanes not loaded yet)
-        self.tails: dict[tuple[str, str], dict[int, int]] | None = None
+        #: per priority not wholly loaded: the largest seq of the journal's jobs there
+        self.tails: dict[int, int] | None = None
+        self.first = 0  # the most urgent of them (0: none)
         self.pending = 0  # journal jobs not loaded yet
         self.held: dict[tuple[str, str], list[Job]] = {}
 
-    def holds(self, key: tuple[str, str], job: Job) -> bool:
+    def holds(self, job: Job) -> bool:
         if self.tails is None:
             return True
-        tails = self.tails.get(key)
-        if tails:
-            priority = job.priority
-            for p in tails:
-                if p < priority or (p == priority and job.seq >= self.frontier):
-                    return True
-        return False
+        first = self.first
+        return first > 0 and (first < job.priority or (first == job.priority and job.seq >= self.frontier))
 
-    def advance(self, frontier: int) -> set[tuple[str, str]]:
-        """Lanes loaded up to ``frontier`` are whole: the lines whose holds may now pass."""
+    def know(self, tails: dict[int, int]) -> None:
+        self.tails = tails
+        self.first = min(tails, default=0)
+
+    def advance(self, frontier: int) -> bool:
+        """Loaded up to ``frontier``: whether a priority became whole (held jobs may pass)."""
         self.frontier = frontier
-        opened = set()
         assert self.tails is not None
-        for key, tails in list(self.tails.items()):
-            done = [p for p, top in tails.items() if top < frontier]
-            for p in done:
-                del tails[p]
-            if done:
-                opened.add(key)
-            if not tails:
-                del self.tails[key]
-        return opened
+        done = [p for p, top in self.tails.items() if top < frontier]
+        for p in done:
+            del self.tails[p]
+        self.first = min(self.tails, default=0)
+        return bool(done)
 
 
 @attrs.frozen
@@ -380,11 +375,11 @@ class Dispatcher:
             self._line(key).extend(batch)
         return requeued
 
-    # A restart that serves while it loads: begin_restore, then restore_lines once the
-    # journal's lines are known, then restore_chunk until the frontier reaches the end.
+    # A restart that serves while it loads: begin_restore, then restore_priorities once the
+    # journal's priorities are known, then restore_chunk until the frontier reaches the end.
 
     def begin_restore(self, end: int) -> None:
-        """Jobs from the journal have seq < ``end``; until restore_lines, none is dispatched."""
+        """Jobs from the journal have seq < ``end``; until restore_priorities, none is dispatched."""
         self._next_seq = max(self._next_seq, end)
         self._backlog = _Backlog(end)
 
@@ -397,56 +392,55 @@ class Dispatcher:
         b = self._backlog
         return b is not None and (seq is None or b.frontier <= seq < b.end)
 
-    def restore_lines(self, lines: Iterable[tuple[str, str, int, int, int]]) -> None:
-        """The journal's unfinished jobs per (queue, task, priority): their count and last seq."""
+    def restore_priorities(self, priorities: Iterable[tuple[int, int, int]]) -> None:
+        """The journal's unfinished jobs per priority: (priority, count, largest seq)."""
         b = self._backlog
         assert b is not None and b.tails is None
-        tails: dict[tuple[str, str], dict[int, int]] = {}
-        for queue, task, priority, count, top in lines:
-            tails.setdefault((queue, task), {})[priority] = top
+        tails = {}
+        for priority, count, top in priorities:
+            tails[priority] = top
             b.pending += count
-        b.tails = tails
-        self._release_held(list(b.held))
+        b.know(tails)
+        self._release_held()
 
     def restore_chunk(self, jobs: list[Job], frontier: int) -> list[Job]:
         """The journal's next jobs in seq order; every one below ``frontier`` is now loaded."""
         b = self._backlog
         assert b is not None and b.tails is not None
-        self._release_held(b.advance(frontier))
+        if b.advance(frontier):
+            self._release_held()
         b.pending = max(0, b.pending - len(jobs))
         requeued, pending = self._recover(jobs)
-        tails = b.tails
         held = b.held
         for key, batch in pending.items():
-            if key in tails:
+            if b.first:
                 go = []
                 for job in batch:
-                    if b.holds(key, job):
+                    if b.holds(job):
                         held.setdefault(key, []).append(job)
                     else:
                         go.append(job)
                 batch = go
             self._line(key).extend(batch)
         if frontier >= b.end:
-            self._release_held(list(held))
+            self._release_held()
             assert not held, "a job held past the end of the restore"
             self._backlog = None
         return requeued
 
-    def _release_held(self, keys: Iterable[tuple[str, str]]) -> None:
-        """Held jobs of these lines that may now reach them (cancelled ones are dropped)."""
+    def _release_held(self) -> None:
+        """Held jobs that may now reach their lines (cancelled ones are dropped)."""
         b = self._backlog
         assert b is not None
-        for key in keys:
-            jobs = b.held.pop(key, None)
-            if not jobs:
-                continue
+        for key, jobs in list(b.held.items()):
             keep, go = [], []
             for job in jobs:
                 if job.state is _QUEUED:
-                    (keep if b.holds(key, job) else go).append(job)
+                    (keep if b.holds(job) else go).append(job)
             if keep:
                 b.held[key] = keep
+            else:
+                del b.held[key]
             if go:
                 self._line(key).extend(go)
 
@@ -548,7 +542,7 @@ class Dispatcher:
         job.state = JobState.QUEUED
         key = (job.queue, job.task)
         b = self._backlog
-        if b is not None and b.holds(key, job):
+        if b is not None and b.holds(job):
             b.held.setdefault(key, []).append(job)
         else:
             self._line(key).push(job)

@@ -305,13 +305,13 @@ class Broker:
             # Retries, discards and purges change the counts of finished jobs: they wait until
             # the counts read from the snapshot are in (see _merge_finished).
             async with self._finished_rows:
-                lines = await trio.to_thread.run_sync(backlog.lines_sync)
-                await self._call(d.restore_lines, lines)
+                priorities = await trio.to_thread.run_sync(backlog.priorities_sync)
+                await self._call(d.restore_priorities, priorities)
                 after = 0
                 while True:
                     jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, self.restore_chunk)
                     loaded += len(jobs)
-                    last = len(jobs) < self.restore_chunk
+                    last = len(jobs) < self.restore_chunk or jobs[-1].seq + 1 >= end
                     frontier = end if last else jobs[-1].seq + 1
                     self._requeued_at_start(await self._call(d.restore_chunk, jobs, frontier))
                     if last:
@@ -886,8 +886,10 @@ class Broker:
         jobs = {"queued": st.queued, "scheduled": st.scheduled, "running": st.running, **fin}
         return {
             "queue_size": st.queued + st.scheduled + st.restoring,
-            # a restart serves while it loads the journal: its unfinished jobs not loaded yet
-            "restoring": st.restoring,
+            # a restart serves while it loads the journal: whether it still does, and how
+            # many of the journal's unfinished jobs are not loaded yet (0 until it knows)
+            "restoring": not self.restored.is_set(),
+            "restore_pending": st.restoring,
             "workers": {
                 "total": st.workers, "idle": st.idle_workers, "busy": st.busy_workers,
                 "capacity": sum(w.concurrency for w in d.workers.values()),

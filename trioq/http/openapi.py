@@ -110,7 +110,8 @@ SCHEMAS: dict[str, Any] = {
         ],
         "properties": {
             "queue_size": INT,
-            "restoring": {**INT, "description": "Unfinished jobs of the journal not loaded yet: a restart serves while it loads them"},
+            "restoring": {"type": "boolean", "description": "A restart is still loading the journal's unfinished jobs (it serves meanwhile)"},
+            "restore_pending": {**INT, "description": "The journal's unfinished jobs not loaded yet (0 until counted)"},
             "workers": _object({"total": INT, "idle": INT, "busy": INT}),
             "jobs": _object({s.value: INT for s in JobState}),
             "requeued": INT,

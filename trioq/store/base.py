@@ -40,8 +40,8 @@ class Backlog(abc.ABC):
     """
 
     @abc.abstractmethod
-    def lines_sync(self) -> list[tuple[str, str, int, int, int]]:
-        """(queue, task, priority, count, largest seq) of the unfinished jobs."""
+    def priorities_sync(self) -> list[tuple[int, int, int]]:
+        """(priority, count, largest seq) of the unfinished jobs."""
 
     @abc.abstractmethod
     def chunk_sync(self, after: int, limit: int) -> list[Job]:

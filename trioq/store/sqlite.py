@@ -212,10 +212,9 @@ class _SnapshotBacklog(Backlog):
         conn.execute("BEGIN")
         conn.execute("SELECT count(*) FROM meta").fetchone()  # the snapshot starts at a read
 
-    def lines_sync(self) -> list[tuple[str, str, int, int, int]]:
+    def priorities_sync(self) -> list[tuple[int, int, int]]:
         return self._conn.execute(
-            "SELECT queue, task, priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) "
-            "GROUP BY queue, task, priority", UNFINISHED,
+            "SELECT priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) GROUP BY priority", UNFINISHED,
         ).fetchall()
 
     def chunk_sync(self, after: int, limit: int) -> list[Job]:
