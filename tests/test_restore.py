@@ -1,0 +1,385 @@
+"""A restart serves while it loads the journal, and keeps every promise of a full restore.
+
+The dispatcher part is checked against the plain rule it must keep (a delivered job is the
+most urgent of every job waiting, loaded or not); the broker part on a real SQLite file,
+its reads of the journal stepped by the test.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trioq.broker.config import BrokerConfig
+from trioq.broker.dispatcher import Dispatcher, WorkerSlot
+from trioq.broker.server import Broker
+from trioq.job import ErrorInfo, Job, JobSpec, JobState
+from trioq.protocol.messages import Outcome
+from trioq.store.base import Backlog, Recovered
+from trioq.store.sqlite import SQLiteStore
+
+from .conftest import FakeWorker
+
+
+def _job(seq: int, priority: int, task: str, state: JobState = JobState.QUEUED) -> Job:
+    return Job(f"j{seq}", seq, task, {}, priority, "default", state, attempts=int(state is JobState.RUNNING))
+
+
+# --- the dispatcher ---------------------------------------------------------------------
+
+journal_st = st.lists(
+    st.tuples(st.integers(1, 3), st.sampled_from("ab"), st.booleans()), min_size=0, max_size=40,
+)
+step_st = st.lists(
+    st.one_of(
+        st.tuples(st.just("chunk"), st.integers(1, 9)),
+        st.tuples(st.just("submit"), st.integers(1, 3), st.sampled_from("ab")),
+        st.tuples(st.just("pump"), st.integers(1, 3)),
+        st.tuples(st.just("cancel"), st.integers(0, 60)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(journal=journal_st, steps=step_st, priorities_at=st.integers(0, 60))
+def test_restoring_while_serving_never_dispatches_ahead_of_a_job_still_in_the_journal(journal, steps, priorities_at):
+    """Journal jobs (some running at the crash) load in chunks while new jobs arrive, jobs
+    are cancelled and a worker takes jobs: every delivery is the most urgent job waiting,
+    counting those not loaded yet; at the end every job ran once or was cancelled."""
+    now = 1000.0
+    d = Dispatcher(now=lambda: now, max_worker_losses=5, seed=0)
+    stored = [_job(i + 1, p, t, JobState.RUNNING if running else JobState.QUEUED)
+              for i, (p, t, running) in enumerate(journal)]
+    end = len(stored) + 1
+    d.begin_restore(end)
+    waiting: dict[str, tuple[int, int]] = {j.id: (j.priority, j.seq) for j in stored}
+    delivered: list[str] = []
+
+    def deliver(jobs: list[Job]) -> None:
+        for job in jobs:
+            assert waiting, job
+            assert waiting[job.id] == min(waiting.values()), f"{job.id} went ahead of a more urgent job"
+            del waiting[job.id]
+            delivered.append(job.id)
+
+    slot = WorkerSlot("w", "w", frozenset("ab"), ("default",), 2, deliver)
+    d.join_nowait(slot)
+    loaded = 0
+    known = False
+    new: list[Job] = []
+
+    def know() -> None:
+        nonlocal known
+        per: dict[int, tuple[int, int]] = {}
+        for j in stored:
+            n, top = per.get(j.priority, (0, 0))
+            per[j.priority] = (n + 1, max(top, j.seq))
+        d.restore_priorities([(p, n, top) for p, (n, top) in per.items()])
+        known = True
+
+    def chunk(k: int) -> None:
+        nonlocal loaded
+        if not known:
+            know()
+        jobs = stored[loaded:loaded + k]
+        loaded += len(jobs)
+        d.restore_chunk(jobs, end if loaded >= len(stored) else jobs[-1].seq + 1)
+
+    def finish_held() -> None:
+        outcomes = [Outcome(job_id, job.attempts, True) for job_id, job in list(slot.held.items())]
+        d.outcome_nowait(slot, outcomes)
+
+    for i, step in enumerate(steps):
+        if i == priorities_at and not known:
+            know()
+        if step[0] == "chunk" and d.restoring:
+            chunk(step[1])
+        elif step[0] == "submit":
+            job = _job(d.next_seq(), step[1], step[2])
+            job.id = f"n{job.seq}"
+            new.append(job)
+            waiting[job.id] = (job.priority, job.seq)
+            d.submit_nowait([job])
+        elif step[0] == "pump":
+            for _ in range(step[1]):
+                d.pump()
+                finish_held()
+        elif step[0] == "cancel":
+            ids = sorted(waiting)
+            if ids:
+                job_id = ids[step[1] % len(ids)]
+                if d.cancel_nowait(job_id) is not None:  # a job not loaded yet is not cancelled here
+                    del waiting[job_id]
+    while d.restoring:
+        chunk(7)
+    while d.pump():
+        finish_held()
+    assert not waiting, f"never dispatched: {sorted(waiting)}"
+    assert len(delivered) == len(set(delivered))
+    st_ = d.statistics()
+    assert (st_.queued, st_.running, st_.restoring) == (0, 0, 0)
+    assert st_.requeued == sum(1 for _, _, running in journal if running)
+
+
+def test_a_job_that_must_wait_is_held_until_the_journal_can_no_longer_precede_it():
+    d = Dispatcher(now=lambda: 0.0, seed=0)
+    d.begin_restore(4)  # journal: seq 1 (priority 2), 2 (priority 1), 3 (priority 2)
+    got: list[str] = []
+    slot = WorkerSlot("w", "w", frozenset("a"), ("default",), 10, lambda jobs: got.extend(j.id for j in jobs))
+    d.join_nowait(slot)
+    urgent = _job(4, 1, "a")
+    d.submit_nowait([urgent])
+    d.pump()
+    assert got == []  # the journal's priorities are not known: it could hold anything
+    d.restore_priorities([(1, 1, 2), (2, 2, 3)])
+    d.pump()
+    assert got == []  # seq 2 (priority 1) is still in the journal, ahead of seq 4
+    d.restore_chunk([_job(1, 2, "a")], 2)
+    d.pump()
+    assert got == []  # loaded: seq 1 (priority 2), but seq 2 at priority 1 still comes first
+    d.restore_chunk([_job(2, 1, "a")], 3)
+    assert d.statistics().restoring == 1
+    d.pump()
+    assert got == ["j2", "j4", "j1"]  # priority 1 whole; seq 3 may still precede nothing at priority 1
+    d.restore_chunk([_job(3, 2, "a")], 4)
+    d.pump()
+    assert got == ["j2", "j4", "j1", "j3"]
+    assert not d.restoring
+
+
+# --- the store's snapshot -------------------------------------------------------------------
+
+
+def test_a_backlog_reads_the_journal_as_it_was_at_open(tmp_path):
+    path = tmp_path / "q.db"
+    first = SQLiteStore(path)
+    rec = first.open_sync()
+    jobs = [Job(rec.job_ids.make(s, 1)[0], s, "t", {"n": s}, 1 + s % 3, "default", created_at=1.0) for s in range(1, 8)]
+    jobs[0].state, jobs[0].finished_at = JobState.COMPLETED, 2.0
+    first.commit_sync([first.insert_row(j) for j in jobs], [])
+    first.close_sync()
+
+    store = SQLiteStore(path)
+    rec = store.open_sync(load=False)
+    assert rec.jobs == [] and rec.next_seq == 8 and rec.backlog is not None
+    # Written after open: a new job, one finished and one cancelled. The backlog never sees them.
+    later = Job(rec.job_ids.make(8, 1)[0], 8, "t", {}, 1, "default", created_at=3.0)
+    jobs[1].state, jobs[1].finished_at = JobState.COMPLETED, 3.0
+    jobs[2].state, jobs[2].finished_at = JobState.CANCELLED, 3.0
+    store.commit_sync([store.insert_row(later)], [store.update_row(jobs[1]), store.update_row(jobs[2])])
+    b = rec.backlog
+    assert sorted(b.priorities_sync()) == [(1, 2, 6), (2, 2, 7), (3, 2, 5)]  # (priority, count, largest seq)
+    assert [j.seq for j in b.chunk_sync(0, 4)] == [2, 3, 4, 5]
+    assert [(j.seq, j.payload, j.state) for j in b.chunk_sync(5, 4)] == [(6, {"n": 6}, JobState.QUEUED), (7, {"n": 7}, JobState.QUEUED)]
+    assert b.chunk_sync(7, 4) == []
+    assert b.counts_sync() == {"t": {"completed": 1, "queued": 6}}
+    assert store.counts_sync() == {"t": {"completed": 2, "cancelled": 1, "queued": 5}}
+    b.close_sync()
+    store.close_sync()
+
+
+# --- the broker on a real journal --------------------------------------------------------------
+
+
+class _SteppedBacklog(Backlog):
+    """The real backlog, each read waiting for the test's go (and telling it that it waits)."""
+
+    def __init__(self, inner: Backlog, reads: trio.MemorySendChannel[str]) -> None:
+        self.inner = inner
+        self.reads = reads
+        self.go = threading.Semaphore(0)
+
+    def _wait(self, what: str) -> None:
+        trio.from_thread.run_sync(self.reads.send_nowait, what)
+        assert self.go.acquire(timeout=10), "the test never let the read go"
+
+    def priorities_sync(self):
+        self._wait("priorities")
+        return self.inner.priorities_sync()
+
+    def chunk_sync(self, after, limit):
+        self._wait(f"chunk after {after}")
+        return self.inner.chunk_sync(after, limit)
+
+    def counts_sync(self):
+        return self.inner.counts_sync()
+
+    def close_sync(self):
+        self.inner.close_sync()
+
+
+class _SteppedStore(SQLiteStore):
+    def __init__(self, path, reads) -> None:
+        super().__init__(path)
+        self.reads = reads
+        self.backlog: _SteppedBacklog | None = None
+
+    def open_sync(self, *, load: bool = True) -> Recovered:
+        rec = super().open_sync(load=load)
+        if rec.backlog is None:
+            return rec
+        self.backlog = _SteppedBacklog(rec.backlog, self.reads)
+        return Recovered(rec.jobs, rec.next_seq, rec.tasks, rec.paused_queues, rec.job_ids, self.backlog)
+
+
+def _config(path) -> BrokerConfig:
+    return BrokerConfig(http=False, db=str(path), dispatch_mark_delay=0, heartbeat_timeout=60.0)
+
+
+async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_cancels_and_counts(tmp_path):
+    path = tmp_path / "q.db"
+    priorities = [3, 2, 3, 1, 2, 3, 1, 2]  # the journal, seq 2-9 (seq 1 finished before the crash)
+    async with trio.open_nursery() as nursery:
+        first = Broker(_config(path), now=trio.current_time, seed=1)
+        await first.start_core(nursery)
+        fw = await FakeWorker.connect(first, nursery, name="before", tasks=("noop",))
+        (done_id,), _ = await first.submit([JobSpec("noop")])
+        fw.complete(await fw.next_delivery())
+        await first.wait_job(done_id)
+        await first.set_paused("default", True)
+        ids, _ = await first.submit([JobSpec("noop", priority=p, idempotency_key=f"k{i}") for i, p in enumerate(priorities)])
+        nursery.cancel_scope.cancel()
+
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
+    broker.restore_chunk = 3
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        await broker.set_paused("default", False)
+        assert await reads.receive() == "priorities"
+        assert store.backlog is not None
+        step = store.backlog.go.release
+        fw = await FakeWorker.connect(broker, nursery, name="after", tasks=("noop",), concurrency=1)
+
+        # Serving before anything is loaded: a new job is acknowledged, and a status answered.
+        (new_id,), existing = await broker.submit([JobSpec("noop", priority=1)])
+        assert existing == [False]
+        stats = broker.stats()
+        assert stats["restoring"] is True and stats["jobs"]["completed"] == 0
+
+        # What needs a job not loaded yet waits for the restore: a key that names one, a
+        # cancel of one; the worker gets nothing while the journal could hold a more urgent job.
+        answers: dict[str, object] = {}
+
+        async def keyed() -> None:
+            answers["keyed"] = await broker.submit([JobSpec("noop", idempotency_key="k7")])
+
+        async def cancel() -> None:
+            answers["cancel"] = (await broker.cancel_job(ids[5])).state  # seq 7, priority 3
+
+        nursery.start_soon(keyed)
+        nursery.start_soon(cancel)
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == {} and fw.deliveries == []
+
+        order: list[str] = []
+
+        async def take_all_offered() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            while fw.inbox.statistics().current_buffer_used:
+                with trio.fail_after(5):
+                    d = await fw.next_delivery()
+                order.append(d.id)
+                fw.complete(d)
+                await trio.testing.wait_all_tasks_blocked()
+
+        step()  # the priorities: 1 has jobs at seq 5 and 8 still in the journal
+        assert await reads.receive() == "chunk after 0"
+        await take_all_offered()
+        assert order == [] and broker.stats()["restore_pending"] == 8
+        step()  # seq 2-4 loaded: priority 1 still has seq 5 and 8 to come
+        assert await reads.receive() == f"chunk after {4}"
+        await take_all_offered()
+        assert order == []
+        step()  # seq 5-7 loaded
+        assert await reads.receive() == f"chunk after {7}"
+        await take_all_offered()
+        assert order == [ids[3]]  # seq 5, priority 1: seq 8 may still come after it
+        step()  # seq 8-9: the journal is whole
+        await broker.restored.wait()
+        await take_all_offered()
+
+        by_seq = dict(zip(range(2, 10), ids, strict=True))
+        expected = [by_seq[s] for s, _ in sorted(((s, p) for s, p in zip(range(2, 10), priorities, strict=True) if s != 7),
+                                                 key=lambda sp: (sp[1], sp[0]))]
+        expected.insert(2, new_id)  # priority 1, after the journal's seq 5 and 8
+        assert order == expected
+        assert answers["cancel"] is JobState.CANCELLED
+        assert answers["keyed"] == ([ids[7]], [True])
+        stats = broker.stats()
+        assert stats["restoring"] is False and stats["restore_pending"] == 0
+        assert stats["jobs"]["completed"] == 1 + 8  # one before the crash, seven of the journal and the new one
+        assert stats["jobs"]["cancelled"] == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_retry_of_a_job_not_loaded_waits_for_the_restore(tmp_path):
+    """A dead job past the frontier is retried only once the journal is loaded, so the
+    restore can never read its new row and load it twice."""
+    path = tmp_path / "q.db"
+    async with trio.open_nursery() as nursery:
+        first = Broker(_config(path), now=trio.current_time, seed=1)
+        await first.start_core(nursery)
+        await first.submit([JobSpec("noop", queue="later")])  # no worker serves it: it stays queued
+        fw = await FakeWorker.connect(first, nursery, name="before", tasks=("noop",))
+        (dead_id,), _ = await first.submit([JobSpec("noop", max_attempts=1)])
+        d = await fw.next_delivery()
+        fw.fail(d, ErrorInfo("ValueError", "no", "", False))
+        assert (await first.wait_job(dead_id)).state is JobState.DEAD
+        nursery.cancel_scope.cancel()
+
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        assert await reads.receive() == "priorities"
+        retried: list[Job] = []
+        done = trio.Event()
+
+        async def retry() -> None:
+            retried.append(await broker.retry_job(dead_id))
+            done.set()
+
+        nursery.start_soon(retry)
+        await trio.testing.wait_all_tasks_blocked()
+        assert retried == []
+        store.backlog.go.release()
+        assert await reads.receive() == "chunk after 0"
+        store.backlog.go.release()
+        with trio.fail_after(10):
+            await done.wait()
+        assert broker.restored.is_set()
+        assert [j.state for j in retried] == [JobState.QUEUED]
+        queued = broker.dispatcher.queued_jobs()
+        assert sorted(j.id for j in queued) == sorted({j.id for j in queued})  # each once
+        assert broker.stats()["jobs"]["queued"] == 2 and broker.stats()["jobs"]["dead"] == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("n", [0, 5, 6])
+async def test_a_journal_of_any_length_ends_its_restore(tmp_path, n):
+    """Empty, shorter than a chunk, and a whole number of chunks."""
+    path = tmp_path / "q.db"
+    async with trio.open_nursery() as nursery:
+        first = Broker(_config(path), now=trio.current_time, seed=1)
+        await first.start_core(nursery)
+        await first.set_paused("default", True)
+        if n:
+            await first.submit([JobSpec("noop")] * n)
+        nursery.cancel_scope.cancel()
+    broker = Broker(_config(path), now=trio.current_time, seed=1)
+    broker.restore_chunk = 3
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        with trio.fail_after(10):
+            await broker.restored.wait()
+        assert broker.stats()["jobs"]["queued"] == n and not broker.dispatcher.restoring
+        nursery.cancel_scope.cancel()
