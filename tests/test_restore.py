@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from trioq.broker.config import BrokerConfig
 from trioq.broker.dispatcher import Dispatcher, WorkerSlot
 from trioq.broker.server import Broker
+from trioq.http.metrics import Metrics
 from trioq.job import ErrorInfo, Job, JobSpec, JobState
 from trioq.protocol.messages import Outcome
 from trioq.store.base import Backlog, Recovered
@@ -294,6 +295,7 @@ async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_can
         assert await reads.receive() == "chunk after 0"
         await take_all_offered()
         assert order == [] and broker.stats()["restore_pending"] == 8
+        assert "trioq_restore_pending_jobs 8" in Metrics(broker).render().splitlines()
         step()  # seq 2-4 loaded: priority 1 still has seq 5 and 8 to come
         assert await reads.receive() == f"chunk after {4}"
         await take_all_offered()
@@ -315,6 +317,7 @@ async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_can
         assert answers["keyed"] == ([ids[7]], [True])
         stats = broker.stats()
         assert stats["restoring"] is False and stats["restore_pending"] == 0
+        assert "trioq_restore_pending_jobs 0" in Metrics(broker).render().splitlines()
         assert stats["jobs"]["completed"] == 1 + 8  # one before the crash, seven of the journal and the new one
         assert stats["jobs"]["cancelled"] == 1
         nursery.cancel_scope.cancel()

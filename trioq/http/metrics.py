@@ -321,6 +321,10 @@ class Metrics:
                 f'trioq_oldest_queued_job_age_seconds{{queue="{_label(queue)}",priority="{prio}"}} {_num(age)}'
             )
 
+        family("trioq_restore_pending_jobs", "gauge",
+               "Unfinished jobs of the journal a restart has not loaded yet (it serves meanwhile).")
+        out.append(f"trioq_restore_pending_jobs {d.statistics().restoring}")
+
         statuses = {"idle": 0, "busy": 0, "quiet": 0, "stopping": 0}
         for slot in d.workers.values():
             statuses[slot.status] = statuses.get(slot.status, 0) + 1
