@@ -114,3 +114,13 @@ def test_profile_summary_counts_work_by_function_and_layer_and_sets_waits_apart(
         "Broker.submit (trioq/broker/server.py)": 20,
     }
     assert abs(sum(r["share"] for r in s["layers"]) - 1) < 1e-9
+
+
+def test_restart_harness_writes_a_journal_a_restarted_broker_loads_whole(tmp_path):
+    from benchmarks import restart
+
+    journal = tmp_path / "journal.db"
+    restart.write_journal(journal, 2_500, 3, progress=False)
+    r = restart.time_restart(journal)
+    assert r["queued"] == 2_500
+    assert 0 < r["serving_s"] <= r["status_s"] <= r["loaded_s"]
