@@ -555,6 +555,23 @@ def test_updates_of_first_and_later_attempts_keep_every_field(db):
     assert as_dict(db.get_sync(failed.id)) == as_dict(failed)
 
 
+def test_the_row_of_a_job_back_in_line_is_written_even_if_a_purge_deleted_it(db):
+    """A retry answered 'busy' while the store was failing is committed once it recovers; a
+    purge may have run first and deleted the dead row the retry replaces: the job must not
+    be left in line without a row (a restart would lose it)."""
+    job = make_job(1, db)
+    job.state, job.attempts, job.failures, job.finished_at = JobState.DEAD, 1, 1, 5.0
+    job.error, job.dead_reason = ErrorInfo("ValueError", "bad", "", False), "not_retryable"
+    db.commit_sync([db.row(job)], [])
+    assert db.purge_counted_sync(finished_before=10.0) == {(job.task, "dead"): 1}
+    job.state, job.failures, job.finished_at, job.error, job.dead_reason = JobState.QUEUED, 0, None, None, None
+    db.commit_sync([], [db.update_row(job)])
+    assert as_dict(db.get_sync(job.id)) == as_dict(job)
+    job.state, job.attempts, job.started_at, job.worker = JobState.RUNNING, 2, 20.0, "w"  # its next attempt
+    db.commit_sync([], [db.update_row(job)])
+    assert as_dict(db.get_sync(job.id)) == as_dict(job)
+
+
 async def test_delayed_jobs_are_stored_as_scheduled(tmp_path, nursery):
     broker = Broker(BrokerConfig(http=False, db=str(tmp_path / "d.db")), store=SQLiteStore(tmp_path / "d.db"))
     await broker.start_core(nursery)

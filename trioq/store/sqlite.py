@@ -507,6 +507,11 @@ class SQLiteStore(Store):
                 None if job.result is None else _dumps(job.result),
                 job.run_at, None if prog is None else _dumps((prog.value, prog.message)), job.seq,
             )
+        if not job.state.terminal:
+            # A job back in line (requeued, retried, due again) or on a later attempt: its row
+            # is written whole, as an upsert. A retry answered 'busy' while the store was failing
+            # is committed later; a purge in between may have deleted the dead row it replaces.
+            return self.row(job)
         return (
             job.state, job.attempts, job.failures, job.worker_losses, job.max_attempts,
             job.timeout, job.run_at, job.started_at, job.finished_at, job.worker,
@@ -578,7 +583,12 @@ class SQLiteStore(Store):
                 if first:
                     self._write_many(w, self._update_first, self._update_first_json, first)
                 if len(first) < len(updates):
-                    w.executemany(self._update, [r for r in updates if len(r) != n_first])
+                    n_all = len(_COLUMNS)
+                    whole = [r for r in updates if len(r) == n_all]
+                    if whole:
+                        w.executemany(self._upsert, whole)
+                    if len(first) + len(whole) < len(updates):
+                        w.executemany(self._update, [r for r in updates if len(r) != n_first and len(r) != n_all])
             _add_tasks(w, tasks)
         if small:
             # Recent small commits, whichever thread ran them: what one would cost the loop now.
