@@ -389,6 +389,9 @@
     var unhealthy = s.store && s.store.healthy === false;
     sb.hidden = !unhealthy;
     if (unhealthy) sb.title = 'Job store is failing: ' + (s.store.description || '');
+    var rb = $('restore-badge');
+    rb.hidden = !s.restoring;
+    if (s.restoring) rb.title = (s.restore_pending ? fmtCompact(s.restore_pending) : 'Some') + ' unfinished jobs of the journal are not loaded yet (a restart; the broker serves meanwhile)';
     var dc = $('dead-count');
     var dtxt = isNum(j.dead) && j.dead > 0 ? fmtCompact(j.dead) : '';
     if (dc.textContent !== dtxt) dc.textContent = dtxt;
