@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 import re
+import sqlite3
+import time
+from pathlib import Path
 
 import pytest
 import trio
@@ -134,3 +137,92 @@ async def test_kill9_broker_and_restart_loses_and_duplicates_nothing(nursery, tm
     finally:
         for p in reversed(procs):
             await p.stop()
+
+
+CHAOS_TASKS = str(Path(__file__).with_name("chaos_tasks.py"))
+
+
+async def test_a_broker_killed_while_it_loads_its_journal_and_serves_loses_and_duplicates_nothing(nursery, tmp_path):
+    """20,000 jobs in the journal; a broker restarted on it serves workers while it loads in
+    small steps, and is killed with SIGKILL before it has loaded everything; a third broker
+    finishes the work. Every job completes once in the journal; the chaos jobs' own log shows
+    each ran at most once more than its attempts (a result lost with a killed broker, for a
+    job whose RUNNING mark was not on disk yet) and the attempt that completed did run."""
+    port = free_port()
+    db = str(tmp_path / "q.db")
+    ca = tmp_path / "certs" / "ca.pem"
+    env = {"TRIOQ_CHAOS_LOG": str(tmp_path / "executions.log")}
+    rng = random.Random(7)
+    n = 20_000
+    specs = [
+        JobSpec("chaos", {"n": i, "sleep": 0.3}, priority=1) if i % 100 == 0  # most urgent: never held
+        else JobSpec("noop", {}, priority=rng.randint(1, 3))
+        for i in range(n)
+    ]
+    args = [*broker_args(port, db), "--task", "chaos"]
+    procs: list[TrioqProcess] = []
+
+    async def start_broker(*extra: str) -> TrioqProcess:
+        p = await TrioqProcess.start(nursery, "broker", *args, *extra, cwd=tmp_path)
+        procs.append(p)
+        await p.wait_for(r"broker listening on 127\.0\.0\.1:\d+")
+        return p
+
+    try:
+        first = await start_broker()
+        async with trioq.Client("127.0.0.1", port, ca=ca) as c:
+            ids = [jid for k in range(0, n, 5_000) for jid in await c.submit_many(specs[k:k + 5_000])]
+        first.kill9()
+        await first.proc.wait()
+
+        second = await start_broker("--restore-chunk", "2")
+        for name in ("alpha", "beta"):
+            procs.append(await TrioqProcess.start(
+                nursery, name, "worker", "--broker", f"127.0.0.1:{port}", "--name", name, "--concurrency", "8",
+                "--tasks", CHAOS_TASKS, cwd=tmp_path, env=env,
+            ))
+        async with trioq.Client("127.0.0.1", port, ca=ca) as c:
+            with trio.fail_after(60):
+                # some work done, and a chaos job's RUNNING mark on disk, the job started so
+                # lately that it is still running when the broker is killed (it sleeps 0.3 s)
+                while True:
+                    s = await c.status()
+                    assert s["restoring"], "the journal was loaded before the workers had done anything"
+                    if s["completed_total"] >= 50:
+                        running, _ = await c.list_jobs(state="running", task="chaos")
+                        if any(time.time() - j.started_at < 0.15 for j in running):
+                            break
+                    await trio.sleep(0.01)
+        assert s["restore_pending"] > 0  # killed while it still loads
+        second.kill9()
+        await second.proc.wait()
+
+        await start_broker()
+        async with trioq.Client("127.0.0.1", port, ca=ca) as c:
+            with trio.fail_after(120):
+                async with trio.open_nursery() as waits:
+                    for jid in ids:
+                        waits.start_soon(c.result, jid)
+            s = await c.status()
+            assert s["jobs"] == {**s["jobs"], "queued": 0, "running": 0, "dead": 0, "cancelled": 0, "completed": n}
+            chaos = {ids[i]: i for i in range(0, n, 100)}
+            finals = [await c.get_job(jid) for jid in chaos]
+        for p in procs:
+            await p.stop()
+    finally:
+        for p in reversed(procs):
+            await p.stop()
+
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, state, attempts, worker_losses, failures FROM jobs").fetchall()
+    assert len(rows) == n and {r[0] for r in rows} == set(ids)
+    assert all(state == "completed" and attempts == 1 + losses and failures == 0 for _, state, attempts, losses, failures in rows)
+    assert any(losses for *_, losses, _ in rows)  # the kill caught a job running
+    runs: dict[str, list[int]] = {}
+    for line in (tmp_path / "executions.log").read_text().splitlines():
+        jid, attempt, _pid = line.split()
+        runs.setdefault(jid, []).append(int(attempt))
+    assert set(runs) == set(chaos)
+    for job in finals:
+        assert job.state is JobState.COMPLETED and job.result == chaos[job.id]
+        assert job.attempts in runs[job.id] and len(runs[job.id]) <= job.attempts + 2, (job, runs[job.id])

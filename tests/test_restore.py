@@ -229,8 +229,8 @@ class _SteppedStore(SQLiteStore):
         return Recovered(rec.jobs, rec.next_seq, rec.tasks, rec.paused_queues, rec.job_ids, self.backlog)
 
 
-def _config(path) -> BrokerConfig:
-    return BrokerConfig(http=False, db=str(path), dispatch_mark_delay=0, heartbeat_timeout=60.0)
+def _config(path, **kw) -> BrokerConfig:
+    return BrokerConfig(http=False, db=str(path), dispatch_mark_delay=0, heartbeat_timeout=60.0, **kw)
 
 
 async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_cancels_and_counts(tmp_path):
@@ -249,8 +249,7 @@ async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_can
 
     send, reads = trio.open_memory_channel[str](100)
     store = _SteppedStore(path, send)
-    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
-    broker.restore_chunk = 3
+    broker = Broker(_config(path, restore_chunk=3), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
         await broker.start_core(nursery)
         await broker.set_paused("default", False)
@@ -378,8 +377,7 @@ async def test_a_journal_of_any_length_ends_its_restore(tmp_path, n):
         if n:
             await first.submit([JobSpec("noop")] * n)
         nursery.cancel_scope.cancel()
-    broker = Broker(_config(path), now=trio.current_time, seed=1)
-    broker.restore_chunk = 3
+    broker = Broker(_config(path, restore_chunk=3), now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
         await broker.start_core(nursery)
         with trio.fail_after(10):

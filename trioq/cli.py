@@ -226,6 +226,7 @@ def main() -> None:
 @click.option("--max-connections", default=1024, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_CONNECTIONS", show_default=True, help="Connections beyond it are closed at once.")
 @click.option("--max-errors", default=20, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_MAX_ERRORS", show_default=True, help="Refused requests on one connection before it is closed.")
 @click.option("--max-queued", default=2_000_000, type=click.IntRange(1, 100_000_000), envvar="TRIOQ_MAX_QUEUED", show_default=True, help="Unfinished jobs held before producers are slowed.")
+@click.option("--restore-chunk", default=20_000, type=click.IntRange(1, 1_000_000), envvar="TRIOQ_RESTORE_CHUNK", show_default=True, help="Unfinished jobs a restart reads from the journal per step while it already serves (each step holds the broker's loop for about 2 µs a job).")
 @click.option("--max-uncommitted", default=20_000, type=click.IntRange(1, 10_000_000), envvar="TRIOQ_MAX_UNCOMMITTED", show_default=True, help="Submitted jobs held between their frame and their commit, all producers together; past it, producers' connections are not read until commits catch up (bounds that part of the broker's memory, plus one decoded SUBMIT per waiting connection).")
 @click.option("--max-worker-losses", default=5, type=click.IntRange(1, 1000), envvar="TRIOQ_MAX_WORKER_LOSSES", show_default=True)
 @click.option("--result-ttl", default=7 * 24 * 3600.0, type=Seconds(0), envvar="TRIOQ_RESULT_TTL", show_default=True, help="Seconds finished jobs are kept.")
@@ -277,7 +278,7 @@ def broker(**o: Any) -> None:
         dispatch_mark_delay=o["dispatch_mark_delay"], max_frame=o["max_frame"],
         max_batch=o["max_batch"], max_payload=o["max_payload"], max_connections=o["max_connections"],
         max_errors=o["max_errors"],
-        max_queued=o["max_queued"], max_uncommitted=o["max_uncommitted"], max_worker_losses=o["max_worker_losses"], result_ttl=o["result_ttl"],
+        max_queued=o["max_queued"], max_uncommitted=o["max_uncommitted"], restore_chunk=o["restore_chunk"], max_worker_losses=o["max_worker_losses"], result_ttl=o["result_ttl"],
         allow_unknown_tasks=o["allow_unknown_tasks"], tasks=tuple(o["extra_tasks"]), db=o["db"], sync=o["sync"],
         http=o["http"], http_host=o["http_host"], http_port=o["http_port"], http_token=o["http_token"],
         http_tls=o["http_tls"], http_allowed_hosts=tuple(o["http_allowed_host"]),

@@ -64,6 +64,9 @@ class BrokerConfig:
     # store
     db: str = "trioq.db"
     sync: str = "full"
+    #: unfinished jobs a restart reads from the journal per step while it serves (each step
+    #: holds the event loop for about 2 µs a job)
+    restore_chunk: int = 20_000
     # http
     http: bool = True
     http_host: str = "127.0.0.1"
@@ -81,7 +84,7 @@ class BrokerConfig:
             raise ValueError("heartbeat timeout must be longer than the heartbeat interval")
         if self.tls_min_version not in ("1.2", "1.3"):
             raise ValueError("tls_min_version must be 1.2 or 1.3")
-        for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued", "max_errors", "max_uncommitted"):
+        for name in ("max_frame", "max_batch", "max_payload", "max_connections", "max_queued", "max_errors", "max_uncommitted", "restore_chunk"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout", "hello_timeout", "purge_interval"):

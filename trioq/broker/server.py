@@ -292,10 +292,6 @@ class Broker:
             every=self.config.heap_trim_interval, threshold=self.config.heap_trim_rows,
         ))
 
-    #: Jobs read from the journal per step of a restore: each step holds the event loop for
-    #: about 2 µs a job (the dispatcher's part), while the reading runs in a thread.
-    restore_chunk = 20_000
-
     async def _restore(self, backlog: Backlog, end: int, gc_was_enabled: bool) -> None:
         """Load the journal's unfinished jobs in seq order while serving (see _Backlog)."""
         t0 = time.perf_counter()
@@ -309,9 +305,9 @@ class Broker:
                 await self._call(d.restore_priorities, priorities)
                 after = 0
                 while True:
-                    jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, self.restore_chunk)
+                    jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, self.config.restore_chunk)
                     loaded += len(jobs)
-                    last = len(jobs) < self.restore_chunk or jobs[-1].seq + 1 >= end
+                    last = len(jobs) < self.config.restore_chunk or jobs[-1].seq + 1 >= end
                     frontier = end if last else jobs[-1].seq + 1
                     self._requeued_at_start(await self._call(d.restore_chunk, jobs, frontier))
                     if last:
