@@ -7,7 +7,11 @@ its reads of the journal stepped by the test.
 
 from __future__ import annotations
 
+import gc
+import secrets
+import sqlite3
 import threading
+import weakref
 
 import pytest
 import trio
@@ -15,16 +19,18 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import trioq
 from trioq.broker.config import BrokerConfig
 from trioq.broker.dispatcher import Dispatcher, WorkerSlot
 from trioq.broker.server import Broker
-from trioq.http.metrics import Metrics
+from trioq.broker.sessions import RequestError
+from trioq.http.metrics import Metrics, metrics_for
 from trioq.job import ErrorInfo, Job, JobSpec, JobState
 from trioq.protocol.messages import Outcome
 from trioq.store.base import Backlog, Recovered
 from trioq.store.sqlite import SQLiteStore
 
-from .conftest import FakeWorker
+from .conftest import FakeWorker, memory_connect
 
 
 def _job(seq: int, priority: int, task: str, state: JobState = JobState.QUEUED) -> Job:
@@ -384,3 +390,296 @@ async def test_a_journal_of_any_length_ends_its_restore(tmp_path, n):
             await broker.restored.wait()
         assert broker.stats()["jobs"]["queued"] == n and not broker.dispatcher.restoring
         nursery.cancel_scope.cancel()
+
+
+# --- found by review: the edges of admission, metrics, gc and legacy ids -----------------------
+
+
+def _write_journal(path, specs: list[dict]) -> list[Job]:
+    """Jobs written straight through the store (as the broker would have), then closed."""
+    store = SQLiteStore(path)
+    rec = store.open_sync()
+    jobs = []
+    for i, kw in enumerate(specs):
+        kw = dict(kw)
+        seq = rec.next_seq + i
+        job_id = kw.pop("id", None) or rec.job_ids.make(seq, 1)[0]
+        j = Job(job_id, seq, kw.pop("task", "noop"), {}, kw.pop("priority", 5), "default", created_at=1.0)
+        for k, v in kw.items():
+            setattr(j, k, v)
+        jobs.append(j)
+    store.commit_sync([store.insert_row(j) for j in jobs], [])
+    store.close_sync()
+    return jobs
+
+
+def _let_everything_go(store: _SteppedStore) -> None:
+    if store.backlog is not None:
+        for _ in range(50):
+            store.backlog.go.release()
+
+
+# 1. --max-queued is not enforced until the journal's priorities have been counted --------------
+
+
+async def test_max_queued_holds_while_the_journal_is_not_counted_yet(tmp_path):
+    path = tmp_path / "q.db"
+    _write_journal(path, [{} for _ in range(5)])
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path, max_queued=5), store=store, now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        assert await reads.receive() == "priorities"  # the restore is reading the journal's summary
+        accepted = None
+        try:
+            with trio.move_on_after(1):
+                accepted, _ = await broker.submit([JobSpec("noop")])
+            # 5 unfinished jobs in the journal, max_queued=5: the submit must not be accepted
+            assert accepted is None, f"accepted {accepted} with the journal already at --max-queued"
+        finally:
+            _let_everything_go(store)
+            nursery.cancel_scope.cancel()
+
+
+# 2. Keyed SUBMITs waiting for the restore keep their share of the submit budget --------------------
+
+
+async def test_keyed_submits_waiting_for_the_restore_do_not_block_other_producers(tmp_path):
+    path = tmp_path / "q.db"
+    _write_journal(path, [{} for _ in range(3)])
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path, max_uncommitted=2), store=store, now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        assert await reads.receive() == "priorities"
+        try:
+            async with trioq.Client(connect=memory_connect(broker, nursery)) as keyed, \
+                    trioq.Client(connect=memory_connect(broker, nursery)) as plain:
+
+                keyed_ids: list[str] = []
+                keyed_done = trio.Event()
+
+                async def keyed_submit() -> None:
+                    keyed_ids.extend(await keyed.submit_many([JobSpec("noop", {}, idempotency_key=f"k{i}") for i in range(2)]))
+                    keyed_done.set()
+
+                nursery.start_soon(keyed_submit)
+                await trio.testing.wait_all_tasks_blocked()
+                got = None
+                with trio.move_on_after(2):
+                    got = await plain.submit("noop")  # no key: the restore need not be awaited
+                assert got is not None, (
+                    "a keyless SUBMIT waited for the whole restore: the keyed SUBMIT holds the "
+                    f"submit budget while it waits ({broker.submit_budget.statistics()})"
+                )
+                assert keyed_ids == []  # still waiting for the restore
+                _let_everything_go(store)
+                with trio.fail_after(5):
+                    await keyed_done.wait()
+                assert len(keyed_ids) == 2 and got not in keyed_ids
+        finally:
+            _let_everything_go(store)
+            nursery.cancel_scope.cancel()
+
+
+# 3. Metrics installed while restoring count the journal's past failures as new ones ---------------
+
+
+class _FullLoadStore(SQLiteStore):
+    """The pre-change behaviour: every unfinished job read before serving."""
+
+    def open_sync(self, *, load: bool = True):
+        return super().open_sync(load=True)
+
+
+async def _failed_after_restart(path, store) -> dict:
+    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        m = metrics_for(broker)  # the HTTP server is started right after start_core
+        with trio.fail_after(10):
+            await broker.restored.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    return dict(m.failed)
+
+
+async def test_metrics_do_not_count_failures_from_before_the_crash(tmp_path):
+    err = ErrorInfo("ValueError", "boom", "", True)
+    journal = [
+        # failed twice, then running at the crash (requeued by the restart)
+        {"state": JobState.RUNNING, "attempts": 3, "failures": 2, "error": err, "started_at": 1.0, "worker": "w"},
+        # failed once, back in line
+        {"state": JobState.QUEUED, "attempts": 1, "failures": 1, "error": err},
+    ]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _write_journal(tmp_path / "a" / "q.db", journal)
+    _write_journal(tmp_path / "b" / "q.db", journal)
+    before = await _failed_after_restart(tmp_path / "a" / "q.db", _FullLoadStore(tmp_path / "a" / "q.db"))
+    after = await _failed_after_restart(tmp_path / "b" / "q.db", SQLiteStore(tmp_path / "b" / "q.db"))
+    assert before == {}  # a full restore: nothing failed in this run
+    assert after == before, f"failures of the previous run counted again: {after}"
+
+
+# 4. gc.freeze() after the restore freezes the garbage made while serving ----------------------------
+
+
+class _Cycle:
+    pass
+
+
+async def test_garbage_made_while_restoring_is_collected_afterwards(tmp_path):
+    path = tmp_path / "q.db"
+    _write_journal(path, [{} for _ in range(10_001)])  # > 10,000: the restore ends with gc.freeze()
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
+    try:
+        async with trio.open_nursery() as nursery:
+            await broker.start_core(nursery)
+            assert await reads.receive() == "priorities"
+            # a request served meanwhile leaves a reference cycle behind (an exception caught
+            # with its traceback, a closure...): garbage for the cyclic collector
+            c = _Cycle()
+            c.me = c
+            ref = weakref.ref(c)
+            del c
+            _let_everything_go(store)
+            with trio.fail_after(20):
+                await broker.restored.wait()
+            nursery.cancel_scope.cancel()
+        gc.collect()
+        assert ref() is None, "cyclic garbage made while restoring was frozen forever by gc.freeze()"
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
+# 5. A retry right after start_core waits for the restore, and never deadlocks with it ------------------------
+
+
+async def test_a_retry_right_after_start_core_does_not_deadlock(tmp_path):
+    path = tmp_path / "q.db"
+    (dead,) = _write_journal(path, [{"state": JobState.DEAD, "attempts": 1, "failures": 1, "finished_at": 2.0,
+                                    "error": ErrorInfo("ValueError", "no", "", False), "dead_reason": "not_retryable"}])
+    broker = Broker(_config(path), now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        try:
+            with trio.fail_after(5):
+                job = await broker.retry_job(dead.id)
+            assert job.state is JobState.QUEUED
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+# 6. A job with a v1 (legacy, random hex) id is read from the store while not loaded ---------------
+
+
+async def test_cancel_of_an_unloaded_job_with_a_legacy_id_waits_for_the_restore(tmp_path):
+    path = tmp_path / "q.db"
+    store0 = SQLiteStore(path)
+    rec = store0.open_sync()
+    # A v1 id: secrets.token_hex(8). Most of them decode to some seq far beyond the journal.
+    while True:
+        legacy_id = secrets.token_hex(8)
+        s = rec.job_ids.seq_of(legacy_id)
+        if s is not None and s > 1_000:
+            break
+    store0.close_sync()
+    (legacy,) = _write_journal(path, [{"id": legacy_id}])
+    with sqlite3.connect(path) as conn:  # as the v2 migration leaves a v1 database
+        conn.execute("INSERT INTO meta(key, value) VALUES('legacy_id_max_seq', ?)", (str(legacy.seq),))
+
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        assert await reads.receive() == "priorities"
+        result: list = []
+        answered = trio.Event()
+
+        async def cancel() -> None:
+            try:
+                result.append((await broker.cancel_job(legacy_id)).state)
+            except RequestError as exc:
+                result.append(exc)
+            answered.set()
+
+        try:
+            nursery.start_soon(cancel)
+            await trio.testing.wait_all_tasks_blocked()
+            assert result == []  # not loaded yet: the cancel waits for the restore
+            _let_everything_go(store)
+            with trio.fail_after(10):
+                await answered.wait()
+            assert broker.restored.is_set()
+            assert result == [JobState.CANCELLED], result
+            assert broker.dispatcher.live.get(legacy_id) is None, "the job is still queued and will run"
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+# 7. Cancelled while the store opens: gc stays disabled for the life of the process ----------------
+
+
+class _SlowOpenStore(SQLiteStore):
+    def open_sync(self, **kw):
+        import time
+
+        rec = super().open_sync(**kw)
+        time.sleep(0.3)  # a long journal's open (migration, WAL growth)
+        return rec
+
+
+async def test_a_start_cancelled_while_the_store_opens_leaves_gc_enabled(tmp_path):
+    path = tmp_path / "q.db"
+    _write_journal(path, [{} for _ in range(3)])
+    assert gc.isenabled()
+    broker = Broker(_config(path), store=_SlowOpenStore(path), now=trio.current_time, seed=1)
+    try:
+        with trio.move_on_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(broker.start_core, nursery)
+                await trio.sleep(0.1)  # the broker is told to stop while the store opens
+                nursery.cancel_scope.cancel()
+        assert gc.isenabled(), "gc left disabled by a start cancelled during the store's open"
+    finally:
+        gc.enable()
+
+
+async def test_a_job_finished_before_the_crash_is_answered_without_waiting_for_the_restore(tmp_path):
+    path = tmp_path / "q.db"
+    done, waiting = _write_journal(path, [
+        {"state": JobState.COMPLETED, "attempts": 1, "finished_at": 2.0, "result": "ok"}, {},
+    ])
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        assert await reads.receive() == "priorities"
+        try:
+            with trio.fail_after(5):
+                job = await broker.wait_job(done.id)  # nothing loaded yet, its row is final
+            assert (job.state, job.result) == (JobState.COMPLETED, "ok")
+            got: list[Job] = []
+            nursery.start_soon(lambda: _append(got, broker.get_job(waiting.id)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # unfinished and not loaded: it waits
+            _let_everything_go(store)
+            with trio.fail_after(5):
+                await broker.restored.wait()
+                while not got:  # noqa: ASYNC110 - the getter's store read runs in a thread
+                    await trio.sleep(0.01)
+            assert got[0] is broker.dispatcher.live[waiting.id]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _append(out: list, aw) -> None:
+    out.append(await aw)

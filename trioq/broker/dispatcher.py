@@ -251,19 +251,23 @@ class _Backlog:
         self.frontier = 0  # every unfinished journal job with seq < frontier is loaded
         #: per priority not wholly loaded: the largest seq of the journal's jobs there
         self.tails: dict[int, int] | None = None
-        self.first = 0  # the most urgent of them (0: none)
-        self.pending = 0  # journal jobs not loaded yet
+        self.first: int | None = None  # the most urgent of them (None: none)
+        self.pending = 0  # journal jobs not loaded yet (once counted)
         self.held: dict[tuple[str, str], list[Job]] = {}
 
     def holds(self, job: Job) -> bool:
         if self.tails is None:
             return True
         first = self.first
-        return first > 0 and (first < job.priority or (first == job.priority and job.seq >= self.frontier))
+        return first is not None and (first < job.priority or (first == job.priority and job.seq >= self.frontier))
+
+    def most_pending(self) -> int:
+        """Journal jobs not loaded yet, or before they are counted, as many as could be."""
+        return self.pending if self.tails is not None else max(0, self.end - 1)
 
     def know(self, tails: dict[int, int]) -> None:
         self.tails = tails
-        self.first = min(tails, default=0)
+        self.first = min(tails, default=None)
 
     def advance(self, frontier: int) -> bool:
         """Loaded up to ``frontier``: whether a priority became whole (held jobs may pass)."""
@@ -272,7 +276,7 @@ class _Backlog:
         done = [p for p, top in self.tails.items() if top < frontier]
         for p in done:
             del self.tails[p]
-        self.first = min(self.tails, default=0)
+        self.first = min(self.tails, default=None)
         return bool(done)
 
 
@@ -387,11 +391,6 @@ class Dispatcher:
     def restoring(self) -> bool:
         return self._backlog is not None
 
-    def may_be_unloaded(self, seq: int | None) -> bool:
-        """Whether a job of this seq (None: unknown) may be in the journal, not loaded yet."""
-        b = self._backlog
-        return b is not None and (seq is None or b.frontier <= seq < b.end)
-
     def restore_priorities(self, priorities: Iterable[tuple[int, int, int]]) -> None:
         """The journal's unfinished jobs per priority: (priority, count, largest seq)."""
         b = self._backlog
@@ -402,6 +401,8 @@ class Dispatcher:
             b.pending += count
         b.know(tails)
         self._release_held()
+        if not self._room.is_set():
+            self._room.set()  # counted: SUBMITs waiting under --max-queued look again
 
     def restore_chunk(self, jobs: list[Job], frontier: int) -> list[Job]:
         """The journal's next jobs in seq order; every one below ``frontier`` is now loaded."""
@@ -413,7 +414,7 @@ class Dispatcher:
         requeued, pending = self._recover(jobs)
         held = b.held
         for key, batch in pending.items():
-            if b.first:
+            if b.first is not None:
                 go = []
                 for job in batch:
                     if b.holds(job):
@@ -873,7 +874,7 @@ class Dispatcher:
         SUBMITs read together cannot all pass the check before the first of them is stored,
         so the limit is passed by at most one SUBMIT's batch."""
         b = self._backlog
-        return len(self.live) + self.reserved + (b.pending if b is not None else 0) < limit
+        return len(self.live) + self.reserved + (b.most_pending() if b is not None else 0) < limit
 
     def unreserve(self, n: int) -> None:
         """Jobs counted by ``reserved`` that will not be stored after all (a failed commit)."""

@@ -181,7 +181,8 @@ class Broker:
         self.started_at = now()
         self.dispatch_latency: list[float] = []  # recent queue waits, for metrics
         # metrics hooks, called as (kind, data): ("job", job) per committed change,
-        # ("changed", jobs) as the dispatcher changes them, ("submitted", jobs), ("requeued", jobs)
+        # ("changed", jobs) as the dispatcher changes them, ("submitted", jobs), ("requeued", jobs),
+        # ("restored", jobs) as a restart that serves meanwhile loads them from the journal
         self.observers: list[Callable[[str, Any], None]] = []
         self.http_port: int | None = None
         self.port: int | None = None  # the trioq listener's bound port, once serving
@@ -269,11 +270,18 @@ class Broker:
             if gc_was_enabled:
                 gc.enable()
             raise
-        await nursery.start(self.writer.run)
         if recovered.backlog is not None:
-            await nursery.start(d.run)
+            try:
+                await nursery.start(self.writer.run)
+                await nursery.start(d.run)
+            except BaseException:  # stopped before the restore task could own the cleanup
+                recovered.backlog.close_sync()
+                if gc_was_enabled:
+                    gc.enable()
+                raise
             nursery.start_soon(self._restore, recovered.backlog, recovered.next_seq, gc_was_enabled)
         else:
+            await nursery.start(self.writer.run)
             if gc_was_enabled:
                 gc.enable()
             if len(recovered.jobs) > 10_000:
@@ -296,35 +304,46 @@ class Broker:
         """Load the journal's unfinished jobs in seq order while serving (see _Backlog)."""
         t0 = time.perf_counter()
         d = self.dispatcher
+        chunk = self.config.restore_chunk
         loaded = 0
         try:
-            # Retries, discards and purges change the counts of finished jobs: they wait until
-            # the counts read from the snapshot are in (see _merge_finished).
-            async with self._finished_rows:
-                priorities = await trio.to_thread.run_sync(backlog.priorities_sync)
-                await self._call(d.restore_priorities, priorities)
-                after = 0
-                while True:
-                    jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, self.config.restore_chunk)
-                    loaded += len(jobs)
-                    last = len(jobs) < self.config.restore_chunk or jobs[-1].seq + 1 >= end
-                    frontier = end if last else jobs[-1].seq + 1
-                    self._requeued_at_start(await self._call(d.restore_chunk, jobs, frontier))
-                    if last:
-                        break
-                    after = jobs[-1].seq
-                self._merge_finished(await trio.to_thread.run_sync(backlog.counts_sync))
+            priorities = await trio.to_thread.run_sync(backlog.priorities_sync)
+            await self._call(d.restore_priorities, priorities)
+            after = 0
+            while True:
+                jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, chunk)
+                loaded += len(jobs)
+                last = len(jobs) < chunk or jobs[-1].seq + 1 >= end
+                frontier = end if last else jobs[-1].seq + 1
+                self._requeued_at_start(await self._call(self._restore_step, jobs, frontier))
+                if loaded > 10_000:
+                    # Jobs hold no cycles: refcounting frees them when they finish, and the cyclic
+                    # GC (off while loading) need not scan a million of them at each full
+                    # collection later. Before each freeze, what the requests served meanwhile
+                    # left behind is collected (a scan of what came since the last freeze only).
+                    gc.collect(0)
+                    gc.freeze()
+                if last:
+                    break
+                after = jobs[-1].seq
+            # Retries, discards and purges, which change these counts, wait for ``restored``.
+            self._merge_finished(await trio.to_thread.run_sync(backlog.counts_sync))
         finally:
             backlog.close_sync()
             if gc_was_enabled:
                 gc.enable()
-        if loaded > 10_000:
-            gc.freeze()  # jobs hold no cycles: refcounting frees them when they finish
         self.restored.set()
         log.info(
             "store %s: %d unfinished job(s) restored in %.2fs while serving", self.store.description,
             loaded, time.perf_counter() - t0,
         )
+
+    def _restore_step(self, jobs: list[Job], frontier: int) -> list[Job]:
+        """In the dispatcher task: a chunk in line, and observers told of it before any change."""
+        requeued = self.dispatcher.restore_chunk(jobs, frontier)
+        for obs in self.observers:
+            obs("restored", jobs)
+        return requeued
 
     def _requeued_at_start(self, requeued: list[Job]) -> None:
         if requeued:
@@ -375,6 +394,7 @@ class Broker:
 
     async def _purge_loop(self) -> None:
         store = self.store
+        await self.restored.wait()  # the finished counts are whole only then
         while True:
             await trio.sleep(self.config.purge_interval)
             cutoff = self.now() - self.config.result_ttl
@@ -632,7 +652,11 @@ class Broker:
             check_payload_depth(specs)
         d = self.dispatcher
         if not self.restored.is_set() and any(spec.idempotency_key is not None for spec in specs):
-            await self.restored.wait()  # the job a key names may not be loaded yet
+            # The job a key names may not be loaded yet. Waiting, this SUBMIT holds none of
+            # the submit budget: other producers go on being served.
+            if before_waiting is not None:
+                before_waiting()
+            await self.restored.wait()
         if not d.has_room(self.config.max_queued):
             if before_waiting is not None:
                 before_waiting()
@@ -714,15 +738,15 @@ class Broker:
         if job is None:
             if not isinstance(job_id, str) or len(job_id) > 64:
                 return None
-            if self.dispatcher.may_be_unloaded(self.job_ids.seq_of(job_id)):
-                # Still in the journal as it was at the crash (a running job there is about
-                # to be requeued): its answer, and any change to it, waits for the restore.
-                await self.restored.wait()
-                return await self.get_job(job_id, owner=owner)
             store = self.store
             job = store.get_sync(job_id) if store.inline else await trio.to_thread.run_sync(store.get_sync, job_id)
             # The job may have ended while the store was read: the newer state wins.
             job = self.dispatcher.live.get(job_id) or self._recent.get(job_id) or job
+            if job is not None and not job.state.terminal and job.id not in self.dispatcher.live and not self.restored.is_set():
+                # Unfinished in the journal and not loaded yet (a job running at the crash is
+                # about to be requeued): its answer, and any change to it, waits for the restore.
+                await self.restored.wait()
+                return await self.get_job(job_id, owner=owner)
         return job if job is None or owner is None or job.owner == owner else None
 
     async def list_jobs(self, *, state=None, queue=None, task=None, limit=50, cursor=None, owner=None) -> JobPage:
@@ -806,6 +830,7 @@ class Broker:
             raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} is being retried already")
         self._retrying.add(job_id)
         try:
+            await self.restored.wait()  # the finished counts are whole only then
             async with self._finished_rows:
                 return await self._retry_held(job_id)
         finally:
@@ -833,6 +858,7 @@ class Broker:
         return job
 
     async def discard_job(self, job_id: str) -> Job:
+        await self.restored.wait()  # the finished counts are whole only then
         async with self._finished_rows:
             return await self._discard_held(job_id)
 

@@ -175,9 +175,7 @@ class Metrics:
     def install(self) -> None:
         broker = self.broker
         d = broker.dispatcher
-        for job in d.live.values():
-            if job.failures:
-                self._failures_seen[job.id] = job.failures
+        self._seen(d.live.values())
         broker.observers.append(self._observe)
         previous = d.on_dispatch
 
@@ -195,7 +193,15 @@ class Metrics:
             self._guard(self._submitted, data)
         elif kind == "requeued":
             self._guard(self._requeued, data)
+        elif kind == "restored":  # loaded by a restart that serves meanwhile: seen, not new
+            self._guard(self._seen, data)
         # ("job", job) after each commit: not needed here
+
+    def _seen(self, jobs: Iterable[Job]) -> None:
+        """Failures of jobs from before this broker (a restart): not counted as new."""
+        for job in jobs:
+            if job.failures:
+                self._failures_seen[job.id] = job.failures
 
     def _guard(self, fn, jobs: Iterable[Job]) -> None:
         """The hooks run inside the dispatcher: a bug here must never stop it."""
