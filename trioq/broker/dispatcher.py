@@ -433,11 +433,15 @@ class Dispatcher:
         """Held jobs that may now reach their lines (cancelled ones are dropped)."""
         b = self._backlog
         assert b is not None
+        free = b.tails is not None and b.first is None  # nothing unread can precede anything
         for key, jobs in list(b.held.items()):
             keep, go = [], []
-            for job in jobs:
-                if job.state is _QUEUED:
-                    (keep if b.holds(job) else go).append(job)
+            if free:
+                go = [job for job in jobs if job.state is _QUEUED]
+            else:
+                for job in jobs:
+                    if job.state is _QUEUED:
+                        (keep if b.holds(job) else go).append(job)
             if keep:
                 b.held[key] = keep
             else:
