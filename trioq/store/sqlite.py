@@ -159,6 +159,9 @@ class _FreshRows:
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple] = {}
+        #: the last created_at read: the jobs of one SUBMIT share one, and so one float object
+        #: (24 bytes a job, 24 MB a million)
+        self.created_at: float | None = None
 
     def _shape(self, text: str) -> tuple:
         task, queue, state, max_attempts, key, owner = _loads(text)
@@ -170,9 +173,14 @@ class _FreshRows:
     def job(self, r: Sequence[Any]) -> Job:
         task, queue, state, max_attempts, key, owner = self.shapes.get(r[7]) or self._shape(r[7])
         payload = r[3]
+        created_at = r[4]
+        if created_at == self.created_at:
+            created_at = self.created_at
+        else:
+            self.created_at = created_at
         return Job(
             r[1], r[0], task, EMPTY_PAYLOAD if payload == b"{}" else _loads(payload) if payload is not None else None,
-            r[2], queue, state, 0, 0, 0, max_attempts, r[5], r[6], r[4],
+            r[2], queue, state, 0, 0, 0, max_attempts, r[5], r[6], created_at,
             None, None, None, None, None, None, key, None, owner,
         )
 
