@@ -87,7 +87,7 @@ def test_restoring_while_serving_never_dispatches_ahead_of_a_job_still_in_the_jo
         for j in stored:
             n, top = per.get(j.priority, (0, 0))
             per[j.priority] = (n + 1, max(top, j.seq))
-        d.restore_priorities([(p, n, top) for p, (n, top) in per.items()])
+        d.restore_summary([("default", p, n, top) for p, (n, top) in per.items()])
         known = True
 
     def chunk(k: int) -> None:
@@ -144,7 +144,7 @@ def test_a_job_that_must_wait_is_held_until_the_journal_can_no_longer_precede_it
     d.submit_nowait([urgent])
     d.pump()
     assert got == []  # the journal's priorities are not known: it could hold anything
-    d.restore_priorities([(1, 1, 2), (2, 2, 3)])
+    d.restore_summary([("default", 1, 1, 2), ("default", 2, 2, 3)])
     d.pump()
     assert got == []  # seq 2 (priority 1) is still in the journal, ahead of seq 4
     d.restore_chunk([_job(1, 2, "a")], 2)
@@ -181,7 +181,7 @@ def test_a_backlog_reads_the_journal_as_it_was_at_open(tmp_path):
     jobs[2].state, jobs[2].finished_at = JobState.CANCELLED, 3.0
     store.commit_sync([store.insert_row(later)], [store.update_row(jobs[1]), store.update_row(jobs[2])])
     b = rec.backlog
-    assert sorted(b.priorities_sync()) == [(1, 2, 6), (2, 2, 7), (3, 2, 5)]  # (priority, count, largest seq)
+    assert sorted(b.summary_sync()) == [("default", 1, 2, 6), ("default", 2, 2, 7), ("default", 3, 2, 5)]  # (queue, priority, count, largest seq)
     assert [j.seq for j in b.chunk_sync(0, 4)] == [2, 3, 4, 5]
     assert [(j.seq, j.payload, j.state) for j in b.chunk_sync(5, 4)] == [(6, {"n": 6}, JobState.QUEUED), (7, {"n": 7}, JobState.QUEUED)]
     assert b.chunk_sync(7, 4) == []
@@ -206,9 +206,9 @@ class _SteppedBacklog(Backlog):
         trio.from_thread.run_sync(self.reads.send_nowait, what)
         assert self.go.acquire(timeout=10), "the test never let the read go"
 
-    def priorities_sync(self):
+    def summary_sync(self):
         self._wait("priorities")
-        return self.inner.priorities_sync()
+        return self.inner.summary_sync()
 
     def chunk_sync(self, after, limit):
         self._wait(f"chunk after {after}")
@@ -300,11 +300,20 @@ async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_can
         assert await reads.receive() == "chunk after 0"
         await take_all_offered()
         assert order == [] and broker.stats()["restore_pending"] == 8
-        assert "trioq_restore_pending_jobs 8" in Metrics(broker).render().splitlines()
+        lines = Metrics(broker).render().splitlines()
+        assert "trioq_restore_pending_jobs 8" in lines
+        # Queue depth counts what is not loaded yet: the eight of the journal and the new job.
+        assert broker.dispatcher.unread_depths() == {("default", 1): 2, ("default", 2): 3, ("default", 3): 3}
+        for priority, n in ((1, 3), (2, 3), (3, 3)):
+            assert f'trioq_queue_depth{{queue="default",priority="{priority}"}} {n}' in lines
         step()  # seq 2-4 loaded: priority 1 still has seq 5 and 8 to come
         assert await reads.receive() == f"chunk after {4}"
         await take_all_offered()
         assert order == []
+        assert broker.dispatcher.unread_depths() == {("default", 1): 2, ("default", 2): 2, ("default", 3): 1}
+        lines = Metrics(broker).render().splitlines()
+        for priority in (1, 2, 3):  # loaded (held) or not, each still counts once
+            assert f'trioq_queue_depth{{queue="default",priority="{priority}"}} 3' in lines
         step()  # seq 5-7 loaded
         assert await reads.receive() == f"chunk after {7}"
         await take_all_offered()

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from operator import attrgetter
 from typing import Any
@@ -244,7 +244,7 @@ class _Backlog:
     reaches a line. Jobs that must wait are held here, per line, in arrival order.
     """
 
-    __slots__ = ("end", "frontier", "tails", "first", "pending", "held")
+    __slots__ = ("end", "frontier", "tails", "first", "pending", "unread", "held")
 
     def __init__(self, end: int) -> None:
         self.end = end  # jobs from the journal have seq < end; new ones seq >= end
@@ -253,6 +253,7 @@ class _Backlog:
         self.tails: dict[int, int] | None = None
         self.first: int | None = None  # the most urgent of them (None: none)
         self.pending = 0  # journal jobs not loaded yet (once counted)
+        self.unread: dict[tuple[str, int], int] = {}  # the same, by queue and priority
         self.held: dict[tuple[str, str], list[Job]] = {}
 
     def holds(self, job: Job) -> bool:
@@ -379,11 +380,11 @@ class Dispatcher:
             self._line(key).extend(batch)
         return requeued
 
-    # A restart that serves while it loads: begin_restore, then restore_priorities once the
+    # A restart that serves while it loads: begin_restore, then restore_summary once the
     # journal's priorities are known, then restore_chunk until the frontier reaches the end.
 
     def begin_restore(self, end: int) -> None:
-        """Jobs from the journal have seq < ``end``; until restore_priorities, none is dispatched."""
+        """Jobs from the journal have seq < ``end``; until restore_summary, none is dispatched."""
         self._next_seq = max(self._next_seq, end)
         self._backlog = _Backlog(end)
 
@@ -391,13 +392,14 @@ class Dispatcher:
     def restoring(self) -> bool:
         return self._backlog is not None
 
-    def restore_priorities(self, priorities: Iterable[tuple[int, int, int]]) -> None:
-        """The journal's unfinished jobs per priority: (priority, count, largest seq)."""
+    def restore_summary(self, summary: Iterable[tuple[str, int, int, int]]) -> None:
+        """The journal's unfinished jobs by queue and priority: (queue, priority, count, largest seq)."""
         b = self._backlog
         assert b is not None and b.tails is None
-        tails = {}
-        for priority, count, top in priorities:
-            tails[priority] = top
+        tails: dict[int, int] = {}
+        for queue, priority, count, top in summary:
+            tails[priority] = max(top, tails.get(priority, 0))
+            b.unread[queue, priority] = count
             b.pending += count
         b.know(tails)
         self._release_held()
@@ -411,6 +413,13 @@ class Dispatcher:
         if b.advance(frontier):
             self._release_held()
         b.pending = max(0, b.pending - len(jobs))
+        unread = b.unread
+        for key, n in Counter((job.queue, job.priority) for job in jobs).items():
+            left = unread.get(key, 0) - n
+            if left > 0:
+                unread[key] = left
+            else:
+                unread.pop(key, None)
         requeued, pending = self._recover(jobs)
         held = b.held
         for key, batch in pending.items():
@@ -903,13 +912,11 @@ class Dispatcher:
         jobs = {j.id: j for line in (*self._lines.values(), *held) for j in line if j.state is JobState.QUEUED}
         return sorted(jobs.values(), key=lambda j: (j.priority, j.seq))
 
-    def queue_depths(self) -> dict[str, dict[int, int]]:
-        out: dict[str, dict[int, int]] = {}
-        for job in self.live.values():
-            if job.state is JobState.QUEUED or job.state is JobState.SCHEDULED:
-                per = out.setdefault(job.queue, {})
-                per[job.priority] = per.get(job.priority, 0) + 1
-        return out
+    def unread_depths(self) -> dict[tuple[str, int], int]:
+        """While a restart loads: the journal's unfinished jobs not loaded yet, by queue and
+        priority (views of queue depth add them to what is loaded)."""
+        b = self._backlog
+        return dict(b.unread) if b is not None else {}
 
     def statistics(self) -> DispatcherStatistics:
         idle = sum(1 for s in self.workers.values() if not s.held and not s.draining)

@@ -307,8 +307,8 @@ class Broker:
         chunk = self.config.restore_chunk
         loaded = 0
         try:
-            priorities = await trio.to_thread.run_sync(backlog.priorities_sync)
-            await self._call(d.restore_priorities, priorities)
+            summary = await trio.to_thread.run_sync(backlog.summary_sync)
+            await self._call(d.restore_summary, summary)
             after = 0
             while True:
                 jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, chunk)

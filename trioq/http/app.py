@@ -184,6 +184,11 @@ class HttpApi:
             q["by_priority"][key] = q["by_priority"].get(key, 0) + 1
             if state is JobState.QUEUED and (q["_oldest"] is None or job.created_at < q["_oldest"]):
                 q["_oldest"] = job.created_at
+        for (name, priority), n in d.unread_depths().items():  # a restart still loading
+            q = entry(name)
+            q["depth"] += n
+            key = str(priority)
+            q["by_priority"][key] = q["by_priority"].get(key, 0) + n
         for name in d.paused:
             entry(name)
         for slot in d.workers.values():

@@ -314,6 +314,8 @@ class Metrics:
                     c = oldest.get(key)
                     if c is None or job.created_at < c:
                         oldest[key] = job.created_at
+        for key, n in d.unread_depths().items():  # a restart still loading the journal
+            depths[key] = depths.get(key, 0) + n
         family("trioq_queue_depth", "gauge", "Jobs waiting (queued or scheduled), by queue and priority.")
         for (queue, prio), n in sorted(depths.items()):
             out.append(f'trioq_queue_depth{{queue="{_label(queue)}",priority="{prio}"}} {n}')

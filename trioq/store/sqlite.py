@@ -220,9 +220,10 @@ class _SnapshotBacklog(Backlog):
         conn.execute("BEGIN")
         conn.execute("SELECT count(*) FROM meta").fetchone()  # the snapshot starts at a read
 
-    def priorities_sync(self) -> list[tuple[int, int, int]]:
+    def summary_sync(self) -> list[tuple[str, int, int, int]]:
         return self._conn.execute(
-            "SELECT priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) GROUP BY priority", UNFINISHED,
+            "SELECT queue, priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) GROUP BY queue, priority",
+            UNFINISHED,
         ).fetchall()
 
     def chunk_sync(self, after: int, limit: int) -> list[Job]:
