@@ -6,6 +6,7 @@ import ssl
 
 import pytest
 import trio
+import trio.testing
 
 import trioq
 from trioq.broker.config import BrokerConfig
@@ -103,3 +104,20 @@ async def test_unreachable_broker_is_a_clear_error(certs):
     with trio.fail_after(10), pytest.raises(ConnectError, match="cannot reach broker"):
         async with trioq.Client("127.0.0.1", 1, ca=certs.ca_cert):
             pass
+
+
+async def test_a_peer_gone_without_a_tls_goodbye_is_a_clear_connection_lost(certs):
+    """A broker that stops or is killed leaves no TLS close_notify: a waiting client is told
+    so in words, not with the SSL library's UNEXPECTED_EOF_WHILE_READING."""
+    from trioq.errors import ConnectionLost
+    from trioq.protocol.framing import FramedConnection
+
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    server = trio.SSLStream(server_raw, server_context(certs), server_side=True)
+    client = trio.SSLStream(client_raw, client_context(certs.ca_cert), server_hostname="localhost")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.do_handshake)
+        await client.do_handshake()
+    await server_raw.aclose()  # the process is gone: its socket closes, with no TLS goodbye
+    with trio.fail_after(5), pytest.raises(ConnectionLost, match="closed the connection abruptly"):
+        await FramedConnection(client).receive()

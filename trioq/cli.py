@@ -525,7 +525,7 @@ def status(**o: Any) -> None:
         click.echo(f"queue size  {s['queue_size']}")
         if s.get("restoring"):
             pending = s.get("restore_pending") or "?"
-            click.echo(f"restoring   {pending} job(s) of the journal not loaded yet (serving meanwhile; finished counts follow)")
+            click.echo(f"restoring   {pending} job(s) of the journal not loaded yet, counted as queued (the broker serves meanwhile)")
         click.echo(f"workers     {w['total']} ({w['idle']} idle, {w['busy']} busy, {w.get('capacity', 0)} slots)")
         click.echo("jobs        " + ", ".join(f"{k} {v}" for k, v in s["jobs"].items()))
         click.echo(f"requeued    {s['requeued']}")

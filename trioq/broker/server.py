@@ -177,6 +177,9 @@ class Broker:
         self._recent: OrderedDict[str, Job] = OrderedDict()
         #: set once every unfinished job of the journal is loaded (a restart serves before)
         self.restored = trio.Event()
+        #: set once the finished counts include the journal's (retries, discards and purges,
+        #: which change them, wait for it)
+        self.counted = trio.Event()
         self.connections = 0
         self.started_at = now()
         self.dispatch_latency: list[float] = []  # recent queue waits, for metrics
@@ -291,6 +294,7 @@ class Broker:
                 "store %s: %d unfinished job(s) restored in %.2fs (read %.2fs)", store.description,
                 len(recovered.jobs), time.perf_counter() - t0, t_read,
             )
+            self.counted.set()
             self.restored.set()
             await nursery.start(d.run)
         nursery.start_soon(self._purge_loop)
@@ -303,31 +307,11 @@ class Broker:
     async def _restore(self, backlog: Backlog, end: int, gc_was_enabled: bool) -> None:
         """Load the journal's unfinished jobs in seq order while serving (see _Backlog)."""
         t0 = time.perf_counter()
-        d = self.dispatcher
-        chunk = self.config.restore_chunk
         loaded = 0
         try:
-            summary = await trio.to_thread.run_sync(backlog.summary_sync)
-            await self._call(d.restore_summary, summary)
-            after = 0
-            while True:
-                jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, chunk)
-                loaded += len(jobs)
-                last = len(jobs) < chunk or jobs[-1].seq + 1 >= end
-                frontier = end if last else jobs[-1].seq + 1
-                self._requeued_at_start(await self._call(self._restore_step, jobs, frontier))
-                if loaded > 10_000:
-                    # Jobs hold no cycles: refcounting frees them when they finish, and the cyclic
-                    # GC (off while loading) need not scan a million of them at each full
-                    # collection later. Before each freeze, what the requests served meanwhile
-                    # left behind is collected (a scan of what came since the last freeze only).
-                    gc.collect(0)
-                    gc.freeze()
-                if last:
-                    break
-                after = jobs[-1].seq
-            # Retries, discards and purges, which change these counts, wait for ``restored``.
-            self._merge_finished(await trio.to_thread.run_sync(backlog.counts_sync))
+            async with trio.open_nursery() as counting:
+                counting.start_soon(self._count_from, backlog)
+                loaded = await self._load_from(backlog, end)
         finally:
             backlog.close_sync()
             if gc_was_enabled:
@@ -337,6 +321,35 @@ class Broker:
             "store %s: %d unfinished job(s) restored in %.2fs while serving", self.store.description,
             loaded, time.perf_counter() - t0,
         )
+
+    async def _count_from(self, backlog: Backlog) -> None:
+        """The journal's finished counts, read beside the jobs (SQLite's scan on the other core)."""
+        self._merge_finished(await trio.to_thread.run_sync(backlog.counts_sync))
+        self.counted.set()
+
+    async def _load_from(self, backlog: Backlog, end: int) -> int:
+        """The summary, then the jobs in seq order, a chunk a step; how many were loaded."""
+        d = self.dispatcher
+        chunk = self.config.restore_chunk
+        loaded = 0
+        await self._call(d.restore_summary, await trio.to_thread.run_sync(backlog.summary_sync))
+        after = 0
+        while True:
+            jobs = await trio.to_thread.run_sync(backlog.chunk_sync, after, chunk)
+            loaded += len(jobs)
+            last = len(jobs) < chunk or jobs[-1].seq + 1 >= end
+            frontier = end if last else jobs[-1].seq + 1
+            self._requeued_at_start(await self._call(self._restore_step, jobs, frontier))
+            if loaded > 10_000:
+                # Jobs hold no cycles: refcounting frees them when they finish, and the cyclic
+                # GC (off while loading) need not scan a million of them at each full
+                # collection later. Before each freeze, what the requests served meanwhile
+                # left behind is collected (a scan of what came since the last freeze only).
+                gc.collect(0)
+                gc.freeze()
+            if last:
+                return loaded
+            after = jobs[-1].seq
 
     def _restore_step(self, jobs: list[Job], frontier: int) -> list[Job]:
         """In the dispatcher task: a chunk in line, and observers told of it before any change."""
@@ -394,7 +407,7 @@ class Broker:
 
     async def _purge_loop(self) -> None:
         store = self.store
-        await self.restored.wait()  # the finished counts are whole only then
+        await self.counted.wait()  # the finished counts are whole only then
         while True:
             await trio.sleep(self.config.purge_interval)
             cutoff = self.now() - self.config.result_ttl
@@ -817,10 +830,11 @@ class Broker:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
         if job.state in TERMINAL_STATES:
             raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} is already {job.state.value}")
+        was = job.state
         cancelled = await self._call(self.dispatcher.cancel_nowait, job_id)
         if cancelled is None:
             raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} finished before it could be cancelled")
-        log.info("job %s cancelled (was %s)", job_id, job.state.value)
+        log.info("job %s cancelled (was %s)", job_id, was.value)
         return cancelled
 
     async def retry_job(self, job_id: str) -> Job:
@@ -830,7 +844,7 @@ class Broker:
             raise RequestError(ErrorCode.INVALID_STATE, f"job {job_id} is being retried already")
         self._retrying.add(job_id)
         try:
-            await self.restored.wait()  # the finished counts are whole only then
+            await self.counted.wait()  # the finished counts are whole only then
             async with self._finished_rows:
                 return await self._retry_held(job_id)
         finally:
@@ -858,7 +872,7 @@ class Broker:
         return job
 
     async def discard_job(self, job_id: str) -> Job:
-        await self.restored.wait()  # the finished counts are whole only then
+        await self.counted.wait()  # the finished counts are whole only then
         async with self._finished_rows:
             return await self._discard_held(job_id)
 
@@ -905,9 +919,11 @@ class Broker:
         fin: dict[str, int] = {"completed": 0, "dead": 0, "cancelled": 0}
         for (_, state), n in d.finished.items():
             fin[state] = fin.get(state, 0) + n
-        jobs = {"queued": st.queued, "scheduled": st.scheduled, "running": st.running, **fin}
+        # Jobs of the journal not loaded yet (a restart) count as queued: they are unfinished,
+        # and those that were running at the crash go back in line.
+        jobs = {"queued": st.queued + st.restoring, "scheduled": st.scheduled, "running": st.running, **fin}
         return {
-            "queue_size": st.queued + st.scheduled + st.restoring,
+            "queue_size": jobs["queued"] + st.scheduled,
             # a restart serves while it loads the journal: whether it still does, and how
             # many of the journal's unfinished jobs are not loaded yet (0 until it knows)
             "restoring": not self.restored.is_set(),

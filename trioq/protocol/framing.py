@@ -10,6 +10,7 @@ at once nor a send cancelled half-way by a caller (trio issue 198).
 from __future__ import annotations
 
 import math
+import ssl
 import struct
 from collections import deque
 
@@ -78,8 +79,11 @@ class FramedConnection:
             try:
                 data = await self.stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                cause = exc.__cause__
+                if isinstance(cause, ssl.SSLEOFError):  # no TLS goodbye: the peer stopped or died
+                    raise ConnectionLost("the peer closed the connection abruptly (it stopped, or was killed)") from None
                 # The TLS alert behind a broken stream says why (a certificate required, say).
-                raise ConnectionLost(f"connection broken: {exc.__cause__ or exc!r}") from None
+                raise ConnectionLost(f"connection broken: {cause or exc!r}") from None
             if not data:
                 self._eof = True
                 if self._buf:

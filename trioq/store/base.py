@@ -49,7 +49,8 @@ class Backlog(abc.ABC):
 
     @abc.abstractmethod
     def counts_sync(self) -> dict[str, dict[str, int]]:
-        """Jobs per task and state, as Store.counts_sync."""
+        """Jobs per task and state, as Store.counts_sync; may run in another thread at the
+        same time as the other reads."""
 
     @abc.abstractmethod
     def close_sync(self) -> None: ...

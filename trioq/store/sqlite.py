@@ -209,16 +209,24 @@ def _text_bytes(rows: Sequence[tuple]) -> int:
 
 
 class _SnapshotBacklog(Backlog):
-    """Reads through a connection of its own that holds one read transaction from open to
-    close: SQLite's WAL keeps that snapshot for it, whatever the broker commits meanwhile."""
+    """Reads through connections of its own that hold one read transaction each from open to
+    close: SQLite's WAL keeps that snapshot for them, whatever the broker commits meanwhile.
+    Two, opened before the broker writes anything (so they see the same journal): the counts
+    are read on one while the jobs are read on the other."""
 
     def __init__(self, store: SQLiteStore, end: int) -> None:
         self.end = end
         self._fresh = _FreshRows()
         self._store = store
-        conn = self._conn = store._connect()
+        self._conn = self._snapshot(store)
+        self._counting = self._snapshot(store)
+
+    @staticmethod
+    def _snapshot(store: SQLiteStore) -> sqlite3.Connection:
+        conn = store._connect()
         conn.execute("BEGIN")
         conn.execute("SELECT count(*) FROM meta").fetchone()  # the snapshot starts at a read
+        return conn
 
     def summary_sync(self) -> list[tuple[str, int, int, int]]:
         return self._conn.execute(
@@ -230,10 +238,11 @@ class _SnapshotBacklog(Backlog):
         return self._store._unfinished(self._conn, after, limit, self._fresh)
 
     def counts_sync(self) -> dict[str, dict[str, int]]:
-        return _counts(self._conn)
+        return _counts(self._counting)
 
     def close_sync(self) -> None:
         self._conn.close()
+        self._counting.close()
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
