@@ -239,6 +239,17 @@ def _config(path, **kw) -> BrokerConfig:
     return BrokerConfig(http=False, db=str(path), dispatch_mark_delay=0, heartbeat_timeout=60.0, **kw)
 
 
+async def _start_stepped(path, nursery: trio.Nursery, **config) -> tuple[Broker, _SteppedStore, trio.MemoryReceiveChannel[str]]:
+    """A broker restarted on the journal at ``path``, its restore waiting at its first read
+    (the summary) until the test lets it go."""
+    send, reads = trio.open_memory_channel[str](100)
+    store = _SteppedStore(path, send)
+    broker = Broker(_config(path, **config), store=store, now=trio.current_time, seed=1)
+    await broker.start_core(nursery)
+    assert await reads.receive() == "priorities"
+    return broker, store, reads
+
+
 async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_cancels_and_counts(tmp_path):
     path = tmp_path / "q.db"
     priorities = [3, 2, 3, 1, 2, 3, 1, 2]  # the journal, seq 2-9 (seq 1 finished before the crash)
@@ -253,13 +264,9 @@ async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_can
         ids, _ = await first.submit([JobSpec("noop", priority=p, idempotency_key=f"k{i}") for i, p in enumerate(priorities)])
         nursery.cancel_scope.cancel()
 
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path, restore_chunk=3), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
-        await broker.start_core(nursery)
+        broker, store, reads = await _start_stepped(path, nursery, restore_chunk=3)
         await broker.set_paused("default", False)
-        assert await reads.receive() == "priorities"
         assert store.backlog is not None
         step = store.backlog.go.release
         fw = await FakeWorker.connect(broker, nursery, name="after", tasks=("noop",), concurrency=1)
@@ -354,12 +361,8 @@ async def test_a_retry_during_the_restore_is_never_loaded_twice(tmp_path):
         assert (await first.wait_job(dead_id)).state is JobState.DEAD
         nursery.cancel_scope.cancel()
 
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
-        await broker.start_core(nursery)
-        assert await reads.receive() == "priorities"
+        broker, store, reads = await _start_stepped(path, nursery)
         retried: list[Job] = []
         done = trio.Event()
 
@@ -436,12 +439,8 @@ def _let_everything_go(store: _SteppedStore) -> None:
 async def test_max_queued_holds_while_the_journal_is_not_counted_yet(tmp_path):
     path = tmp_path / "q.db"
     _write_journal(path, [{} for _ in range(5)])
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path, max_queued=5), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
-        await broker.start_core(nursery)
-        assert await reads.receive() == "priorities"  # the restore is reading the journal's summary
+        broker, store, reads = await _start_stepped(path, nursery, max_queued=5)
         accepted = None
         try:
             with trio.move_on_after(1):
@@ -459,12 +458,8 @@ async def test_max_queued_holds_while_the_journal_is_not_counted_yet(tmp_path):
 async def test_keyed_submits_waiting_for_the_restore_do_not_block_other_producers(tmp_path):
     path = tmp_path / "q.db"
     _write_journal(path, [{} for _ in range(3)])
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path, max_uncommitted=2), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
-        await broker.start_core(nursery)
-        assert await reads.receive() == "priorities"
+        broker, store, reads = await _start_stepped(path, nursery, max_uncommitted=2)
         try:
             async with trioq.Client(connect=memory_connect(broker, nursery)) as keyed, \
                     trioq.Client(connect=memory_connect(broker, nursery)) as plain:
@@ -545,13 +540,9 @@ class _Cycle:
 async def test_garbage_made_while_restoring_is_collected_afterwards(tmp_path):
     path = tmp_path / "q.db"
     _write_journal(path, [{} for _ in range(10_001)])  # > 10,000: the restore ends with gc.freeze()
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
     try:
         async with trio.open_nursery() as nursery:
-            await broker.start_core(nursery)
-            assert await reads.receive() == "priorities"
+            broker, store, reads = await _start_stepped(path, nursery)
             # a request served meanwhile leaves a reference cycle behind (an exception caught
             # with its traceback, a closure...): garbage for the cyclic collector
             c = _Cycle()
@@ -605,12 +596,8 @@ async def test_cancel_of_an_unloaded_job_with_a_legacy_id_waits_for_the_restore(
     with sqlite3.connect(path) as conn:  # as the v2 migration leaves a v1 database
         conn.execute("INSERT INTO meta(key, value) VALUES('legacy_id_max_seq', ?)", (str(legacy.seq),))
 
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
-        await broker.start_core(nursery)
-        assert await reads.receive() == "priorities"
+        broker, store, reads = await _start_stepped(path, nursery)
         result: list = []
         answered = trio.Event()
 
@@ -668,12 +655,8 @@ async def test_a_job_finished_before_the_crash_is_answered_without_waiting_for_t
     done, waiting = _write_journal(path, [
         {"state": JobState.COMPLETED, "attempts": 1, "finished_at": 2.0, "result": "ok"}, {},
     ])
-    send, reads = trio.open_memory_channel[str](100)
-    store = _SteppedStore(path, send)
-    broker = Broker(_config(path), store=store, now=trio.current_time, seed=1)
     async with trio.open_nursery() as nursery:
-        await broker.start_core(nursery)
-        assert await reads.receive() == "priorities"
+        broker, store, reads = await _start_stepped(path, nursery)
         try:
             with trio.fail_after(5):
                 job = await broker.wait_job(done.id)  # nothing loaded yet, its row is final
