@@ -148,8 +148,9 @@ def add_token(path: str | os.PathLike[str], role: str, name: str | None = None) 
     return token, cred
 
 
-def redact(token: str | None) -> str:
-    """What a log may say about a token: its first characters only."""
+def fingerprint(token: str | None) -> str:
+    """What a log may say about a token: a short hash that tells tokens apart and gives away
+    none of the token itself (its first characters would)."""
     if not token:
         return "<none>"
-    return token[:6] + "…"
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:10]

@@ -18,6 +18,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from ..broker.auth import fingerprint
 from ..broker.config import BrokerConfig, is_loopback
 from ..tls import SERVER_CERT, SERVER_KEY, TLS_VERSIONS, warn_if_readable
 from .app import LOOPBACK_NAMES, create_app
@@ -73,8 +74,8 @@ def resolve_token(cfg: BrokerConfig) -> str:
         return cfg.http_token
     token, path, created = load_or_create_token(cfg.certs_dir)
     log.info(
-        "HTTP API token %s %s (%s…); send it as 'Authorization: Bearer <token>' for mutations",
-        "generated in" if created else "read from", path, token[:6],
+        "HTTP API token %s %s (%s); send it as 'Authorization: Bearer <token>' for mutations",
+        "generated in" if created else "read from", path, fingerprint(token),
     )
     return token
 
