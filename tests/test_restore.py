@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import weakref
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -24,6 +25,7 @@ from trioq.broker.config import BrokerConfig
 from trioq.broker.dispatcher import Dispatcher, WorkerSlot
 from trioq.broker.server import Broker
 from trioq.broker.sessions import RequestError
+from trioq.http.app import create_app
 from trioq.http.metrics import Metrics, metrics_for
 from trioq.job import ErrorInfo, Job, JobSpec, JobState
 from trioq.protocol.messages import Outcome
@@ -83,11 +85,11 @@ def test_restoring_while_serving_never_dispatches_ahead_of_a_job_still_in_the_jo
 
     def know() -> None:
         nonlocal known
-        per: dict[int, tuple[int, int]] = {}
+        per: dict[tuple[str, int], tuple[int, int]] = {}
         for j in stored:
-            n, top = per.get(j.priority, (0, 0))
-            per[j.priority] = (n + 1, max(top, j.seq))
-        d.restore_summary([("default", p, n, top) for p, (n, top) in per.items()])
+            n, top = per.get((j.task, j.priority), (0, 0))
+            per[j.task, j.priority] = (n + 1, max(top, j.seq))
+        d.restore_summary([("default", t, p, n, top) for (t, p), (n, top) in per.items()])
         known = True
 
     def chunk(k: int) -> None:
@@ -144,7 +146,7 @@ def test_a_job_that_must_wait_is_held_until_the_journal_can_no_longer_precede_it
     d.submit_nowait([urgent])
     d.pump()
     assert got == []  # the journal's priorities are not known: it could hold anything
-    d.restore_summary([("default", 1, 1, 2), ("default", 2, 2, 3)])
+    d.restore_summary([("default", "a", 1, 1, 2), ("default", "a", 2, 2, 3)])
     d.pump()
     assert got == []  # seq 2 (priority 1) is still in the journal, ahead of seq 4
     d.restore_chunk([_job(1, 2, "a")], 2)
@@ -181,7 +183,8 @@ def test_a_backlog_reads_the_journal_as_it_was_at_open(tmp_path):
     jobs[2].state, jobs[2].finished_at = JobState.CANCELLED, 3.0
     store.commit_sync([store.insert_row(later)], [store.update_row(jobs[1]), store.update_row(jobs[2])])
     b = rec.backlog
-    assert sorted(b.summary_sync()) == [("default", 1, 2, 6), ("default", 2, 2, 7), ("default", 3, 2, 5)]  # (queue, priority, count, largest seq)
+    # (queue, task, priority, count, largest seq)
+    assert sorted(b.summary_sync()) == [("default", "t", 1, 2, 6), ("default", "t", 2, 2, 7), ("default", "t", 3, 2, 5)]
     assert [j.seq for j in b.chunk_sync(0, 4)] == [2, 3, 4, 5]
     assert [(j.seq, j.payload, j.state) for j in b.chunk_sync(5, 4)] == [(6, {"n": 6}, JobState.QUEUED), (7, {"n": 7}, JobState.QUEUED)]
     assert b.chunk_sync(7, 4) == []
@@ -315,6 +318,11 @@ async def test_a_restarted_broker_serves_while_it_loads_and_keeps_order_keys_can
         assert broker.dispatcher.unread_depths() == {("default", 1): 2, ("default", 2): 3, ("default", 3): 3}
         for priority, n in ((1, 3), (2, 3), (3, 3)):
             assert f'trioq_queue_depth{{queue="default",priority="{priority}"}} {n}' in lines
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(broker)), base_url="http://t") as http:
+            (noop,) = [t for t in (await http.get("/api/tasks")).json()["tasks"] if t["name"] == "noop"]
+            assert (noop["queued"], noop["completed"]) == (9, 1)  # the journal's eight, unread, and the new job
+            (queue,) = (await http.get("/api/queues")).json()["queues"]
+            assert (queue["name"], queue["depth"], queue["by_priority"]) == ("default", 9, {"1": 3, "2": 3, "3": 3})
         step()  # seq 2-4 loaded: priority 1 still has seq 5 and 8 to come
         assert await reads.receive() == f"chunk after {4}"
         await take_all_offered()

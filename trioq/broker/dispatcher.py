@@ -253,7 +253,7 @@ class _Backlog:
         self.tails: dict[int, int] | None = None
         self.first: int | None = None  # the most urgent of them (None: none)
         self.pending = 0  # journal jobs not loaded yet (once counted)
-        self.unread: dict[tuple[str, int], int] = {}  # the same, by queue and priority
+        self.unread: dict[tuple[str, str, int], int] = {}  # the same, by queue, task and priority
         self.held: dict[tuple[str, str], list[Job]] = {}
 
     def holds(self, job: Job) -> bool:
@@ -392,14 +392,15 @@ class Dispatcher:
     def restoring(self) -> bool:
         return self._backlog is not None
 
-    def restore_summary(self, summary: Iterable[tuple[str, int, int, int]]) -> None:
-        """The journal's unfinished jobs by queue and priority: (queue, priority, count, largest seq)."""
+    def restore_summary(self, summary: Iterable[tuple[str, str, int, int, int]]) -> None:
+        """The journal's unfinished jobs by queue, task and priority: (queue, task, priority,
+        count, largest seq)."""
         b = self._backlog
         assert b is not None and b.tails is None
         tails: dict[int, int] = {}
-        for queue, priority, count, top in summary:
+        for queue, task, priority, count, top in summary:
             tails[priority] = max(top, tails.get(priority, 0))
-            b.unread[queue, priority] = count
+            b.unread[queue, task, priority] = count
             b.pending += count
         b.know(tails)
         self._release_held()
@@ -414,7 +415,7 @@ class Dispatcher:
             self._release_held()
         b.pending = max(0, b.pending - len(jobs))
         unread = b.unread
-        for key, n in Counter((job.queue, job.priority) for job in jobs).items():
+        for key, n in Counter((job.queue, job.task, job.priority) for job in jobs).items():
             left = unread.get(key, 0) - n
             if left > 0:
                 unread[key] = left
@@ -912,11 +913,18 @@ class Dispatcher:
         jobs = {j.id: j for line in (*self._lines.values(), *held) for j in line if j.state is JobState.QUEUED}
         return sorted(jobs.values(), key=lambda j: (j.priority, j.seq))
 
-    def unread_depths(self) -> dict[tuple[str, int], int]:
-        """While a restart loads: the journal's unfinished jobs not loaded yet, by queue and
-        priority (views of queue depth add them to what is loaded)."""
+    def unread(self) -> dict[tuple[str, str, int], int]:
+        """While a restart loads: the journal's unfinished jobs not loaded yet, by queue, task
+        and priority (views of queue depth add them to what is loaded)."""
         b = self._backlog
         return dict(b.unread) if b is not None else {}
+
+    def unread_depths(self) -> dict[tuple[str, int], int]:
+        """unread() by queue and priority."""
+        out: dict[tuple[str, int], int] = {}
+        for (queue, _, priority), n in self.unread().items():
+            out[queue, priority] = out.get((queue, priority), 0) + n
+        return out
 
     def statistics(self) -> DispatcherStatistics:
         idle = sum(1 for s in self.workers.values() if not s.held and not s.draining)

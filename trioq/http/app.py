@@ -317,6 +317,8 @@ class HttpApi:
                 r["running"] += 1
             else:
                 r["queued"] += 1  # queued or scheduled: waiting
+        for (_, task, _), n in d.unread().items():  # a restart still loading the journal
+            row(task)["queued"] += n
         for (task, state), n in d.finished.items():
             if n and state in ("completed", "dead", "cancelled"):
                 row(task)[state] += n

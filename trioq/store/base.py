@@ -40,8 +40,8 @@ class Backlog(abc.ABC):
     """
 
     @abc.abstractmethod
-    def summary_sync(self) -> list[tuple[str, int, int, int]]:
-        """(queue, priority, count, largest seq) of the unfinished jobs."""
+    def summary_sync(self) -> list[tuple[str, str, int, int, int]]:
+        """(queue, task, priority, count, largest seq) of the unfinished jobs."""
 
     @abc.abstractmethod
     def chunk_sync(self, after: int, limit: int) -> list[Job]:

@@ -228,9 +228,10 @@ class _SnapshotBacklog(Backlog):
         conn.execute("SELECT count(*) FROM meta").fetchone()  # the snapshot starts at a read
         return conn
 
-    def summary_sync(self) -> list[tuple[str, int, int, int]]:
+    def summary_sync(self) -> list[tuple[str, str, int, int, int]]:
         return self._conn.execute(
-            "SELECT queue, priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) GROUP BY queue, priority",
+            "SELECT queue, task, priority, count(*), max(seq) FROM jobs WHERE state IN (?, ?, ?) "
+            "GROUP BY queue, task, priority",
             UNFINISHED,
         ).fetchall()
 
