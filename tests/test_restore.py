@@ -96,6 +96,9 @@ def test_restoring_while_serving_never_dispatches_ahead_of_a_job_still_in_the_jo
         nonlocal loaded
         if not known:
             know()
+        if d.releasing:  # read whole: the held jobs join their lines a priority at a step
+            d.restore_release()
+            return
         jobs = stored[loaded:loaded + k]
         loaded += len(jobs)
         d.restore_chunk(jobs, end if loaded >= len(stored) else jobs[-1].seq + 1)
@@ -161,6 +164,33 @@ def test_a_job_that_must_wait_is_held_until_the_journal_can_no_longer_precede_it
     assert got == ["j2", "j4", "j1", "j3"]
     assert not d.restoring
 
+
+
+def test_once_read_whole_held_jobs_join_their_lines_a_priority_at_a_step():
+    """No step of the end of a restore releases every held job at once; between steps, new
+    jobs more urgent than all still held go ahead, and the others wait behind their elders."""
+    d = Dispatcher(now=lambda: 0.0, seed=0)
+    d.begin_restore(5)  # journal: seq 1 (priority 3), 2 (2), 3 (2), 4 (1)
+    got: list[str] = []
+    slot = WorkerSlot("w", "w", frozenset("a"), ("default",), 100, lambda jobs: got.extend(j.id for j in jobs))
+    d.join_nowait(slot)
+    d.restore_summary([("default", "a", 1, 1, 4), ("default", "a", 2, 2, 3), ("default", "a", 3, 1, 1)])
+    d.restore_chunk([_job(1, 3, "a"), _job(2, 2, "a"), _job(3, 2, "a")], 4)
+    d.pump()
+    assert got == []  # priority 1 is not read yet
+    d.restore_chunk([_job(4, 1, "a")], 5)  # read whole: seq 4 goes straight to its line
+    assert d.releasing
+    d.submit_nowait([_job(d.next_seq(), 2, "a"), _job(d.next_seq(), 3, "a")])  # seq 5 and 6: behind their elders
+    d.pump()
+    assert got == ["j4"]
+    assert d.restore_release()  # priority 2 joins its line; 3 is still held
+    d.submit_nowait([_job(d.next_seq(), 2, "a")])  # seq 7: nothing as urgent is held any more
+    d.pump()
+    assert got == ["j4", "j2", "j3", "j5", "j7"]
+    assert not d.restore_release()  # priority 3, and the restore is over
+    assert not d.restoring
+    d.pump()
+    assert got == ["j4", "j2", "j3", "j5", "j7", "j1", "j6"]
 
 # --- the store's snapshot -------------------------------------------------------------------
 

@@ -241,10 +241,12 @@ class _Backlog:
     The broker serves while it loads, so a job may only reach its line when no job still in
     the journal could come before it in any worker's order: none at a more urgent priority,
     none at its own with a smaller seq. Until the journal's priorities are known, nothing
-    reaches a line. Jobs that must wait are held here, per line, in arrival order.
+    reaches a line. Jobs that must wait are held here, per priority and line, in arrival
+    order. Once the whole journal is read, the held jobs join their lines a priority at a
+    step, most urgent first (``releasing``), so no step holds the loop for all of them.
     """
 
-    __slots__ = ("end", "frontier", "tails", "first", "pending", "unread", "held")
+    __slots__ = ("end", "frontier", "tails", "first", "pending", "unread", "held", "releasing")
 
     def __init__(self, end: int) -> None:
         self.end = end  # jobs from the journal have seq < end; new ones seq >= end
@@ -254,13 +256,28 @@ class _Backlog:
         self.first: int | None = None  # the most urgent of them (None: none)
         self.pending = 0  # journal jobs not loaded yet (once counted)
         self.unread: dict[tuple[str, str, int], int] = {}  # the same, by queue, task and priority
-        self.held: dict[tuple[str, str], list[Job]] = {}
+        self.held: dict[int, dict[tuple[str, str], list[Job]]] = {}
+        self.releasing = False  # read whole; ``first`` is the next priority to release
 
     def holds(self, job: Job) -> bool:
         if self.tails is None:
             return True
         first = self.first
-        return first is not None and (first < job.priority or (first == job.priority and job.seq >= self.frontier))
+        if first is None:
+            return False
+        if self.releasing:
+            return job.priority >= first
+        return first < job.priority or (first == job.priority and job.seq >= self.frontier)
+
+    def hold(self, key: tuple[str, str], job: Job) -> None:
+        lines = self.held.get(job.priority)
+        if lines is None:
+            lines = self.held[job.priority] = {}
+        same = lines.get(key)
+        if same is None:
+            lines[key] = [job]
+        else:
+            same.append(job)
 
     def most_pending(self) -> int:
         """Journal jobs not loaded yet, or before they are counted, as many as could be."""
@@ -410,8 +427,15 @@ class Dispatcher:
     def restore_chunk(self, jobs: list[Job], frontier: int) -> list[Job]:
         """The journal's next jobs in seq order; every one below ``frontier`` is now loaded."""
         b = self._backlog
-        assert b is not None and b.tails is not None
-        if b.advance(frontier):
+        assert b is not None and b.tails is not None and not b.releasing
+        final = frontier >= b.end
+        opened = b.advance(frontier)
+        if final:
+            # Read whole: from here the held jobs are released a priority at a step, and a
+            # job joins its line only if it is more urgent than every job still held.
+            b.releasing = True
+            b.first = min(b.held, default=None)
+        elif opened:
             self._release_held()
         b.pending = max(0, b.pending - len(jobs))
         unread = b.unread
@@ -422,42 +446,81 @@ class Dispatcher:
             else:
                 unread.pop(key, None)
         requeued, pending = self._recover(jobs)
+        # A chunk's jobs all come before the frontier: one of them is held if its priority is
+        # less urgent than ``first`` (or as urgent, once releasing), as holds() says.
+        first = b.first
+        limit = None if first is None else first if b.releasing else first + 1
         held = b.held
         for key, batch in pending.items():
-            if b.first is not None:
+            if limit is not None:
                 go = []
+                out: dict[int, list[Job]] = {}
                 for job in batch:
-                    if b.holds(job):
-                        held.setdefault(key, []).append(job)
+                    p = job.priority
+                    if p >= limit:
+                        same = out.get(p)
+                        if same is None:
+                            out[p] = [job]
+                        else:
+                            same.append(job)
                     else:
                         go.append(job)
+                for p, same in out.items():
+                    lines = held.get(p)
+                    if lines is None:
+                        lines = held[p] = {}
+                    before = lines.get(key)
+                    if before is None:
+                        lines[key] = same
+                    else:
+                        before.extend(same)
                 batch = go
             self._line(key).extend(batch)
-        if frontier >= b.end:
-            self._release_held()
-            assert not held, "a job held past the end of the restore"
-            self._backlog = None
+        if final:
+            self._release_next(first=True)
         return requeued
+
+    @property
+    def releasing(self) -> bool:
+        """The journal is read whole; held jobs still join their lines (restore_release)."""
+        return self._backlog is not None and self._backlog.releasing
+
+    def restore_release(self) -> bool:
+        """The held jobs of the next priority join their lines; whether any are left."""
+        assert self._backlog is not None and self._backlog.releasing
+        self._release_next()
+        return self._backlog is not None
+
+    def _release_next(self, *, first: bool = False) -> None:
+        b = self._backlog
+        assert b is not None
+        if not first and b.first is not None:
+            for key, jobs in b.held.pop(b.first, {}).items():
+                go = [job for job in jobs if job.state is _QUEUED]  # cancelled ones are dropped
+                if go:
+                    self._line(key).extend(go)
+        b.first = min(b.held, default=None)
+        if b.first is None:
+            self._backlog = None
 
     def _release_held(self) -> None:
         """Held jobs that may now reach their lines (cancelled ones are dropped)."""
         b = self._backlog
         assert b is not None
-        free = b.tails is not None and b.first is None  # nothing unread can precede anything
-        for key, jobs in list(b.held.items()):
-            keep, go = [], []
-            if free:
-                go = [job for job in jobs if job.state is _QUEUED]
-            else:
+        for priority, lines in list(b.held.items()):
+            for key, jobs in list(lines.items()):
+                keep, go = [], []
                 for job in jobs:
                     if job.state is _QUEUED:
                         (keep if b.holds(job) else go).append(job)
-            if keep:
-                b.held[key] = keep
-            else:
-                del b.held[key]
-            if go:
-                self._line(key).extend(go)
+                if keep:
+                    lines[key] = keep
+                else:
+                    del lines[key]
+                if go:
+                    self._line(key).extend(go)
+            if not lines:
+                del b.held[priority]
 
     def _recover(self, jobs: Iterable[Job]) -> tuple[list[Job], dict[tuple[str, str], list[Job]]]:
         """Jobs read back from the journal: running ones count as lost (requeued, or dead),
@@ -558,7 +621,7 @@ class Dispatcher:
         key = (job.queue, job.task)
         b = self._backlog
         if b is not None and b.holds(job):
-            b.held.setdefault(key, []).append(job)
+            b.hold(key, job)
         else:
             self._line(key).push(job)
         self.n_queued += 1
@@ -909,7 +972,7 @@ class Dispatcher:
     def queued_jobs(self) -> list[Job]:
         """Every queued job in dispatch order (for tests and status)."""
         # A job cancelled and retried has a stale entry beside its live one: count it once.
-        held = self._backlog.held.values() if self._backlog is not None else ()
+        held = [jobs for lines in self._backlog.held.values() for jobs in lines.values()] if self._backlog is not None else ()
         jobs = {j.id: j for line in (*self._lines.values(), *held) for j in line if j.state is JobState.QUEUED}
         return sorted(jobs.values(), key=lambda j: (j.priority, j.seq))
 

@@ -348,8 +348,12 @@ class Broker:
                 gc.collect(0)
                 gc.freeze()
             if last:
-                return loaded
+                break
             after = jobs[-1].seq
+        # Held jobs join their lines a priority at a step, the dispatcher serving in between.
+        while d.releasing and await self._call(d.restore_release):
+            pass
+        return loaded
 
     def _restore_step(self, jobs: list[Job], frontier: int) -> list[Job]:
         """In the dispatcher task: a chunk in line, and observers told of it before any change."""
