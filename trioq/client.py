@@ -207,12 +207,11 @@ class Client:
         spec = JobSpec(task, {} if payload is None else payload, **options)
         if self.welcome is None or not self.welcome.submit_wait:
             return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)
-        # The broker is told the timeout too where it takes it, so the wait ends there as well.
-        told = result_timeout is not None and self.welcome.wait_timeout
-        msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=result_timeout if told else None)
+        told, deadline = self._wait_timeouts(result_timeout)
+        msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=told)
         job_id = None
         try:
-            with trio.fail_after(math.inf if result_timeout is None else result_timeout + (1.0 if told else 0.0)):
+            with trio.fail_after(deadline):
                 recv = self._open(msg, replies=2)
                 ack = await self._reply(recv, msg)
                 assert isinstance(ack, Ack)
@@ -223,13 +222,23 @@ class Client:
                 raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
             raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
         except RemoteError as exc:
-            if told and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
+            if told is not None and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
                 raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
             raise
         finally:
             self._close(msg)
         assert isinstance(reply, JobReply)
         return reply.job
+
+    def _wait_timeouts(self, timeout: float | None) -> tuple[float | None, float]:
+        """The timeout to tell the broker (where it takes one, so that a wait given up on here
+        does not go on there until the job ends) and the deadline here: a moment past the
+        broker's own end of the wait, which answers first."""
+        if timeout is None:
+            return None, math.inf
+        if self.welcome is not None and self.welcome.wait_timeout:
+            return timeout, timeout + 1.0
+        return None, timeout
 
     async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
         """Submit a batch in as few frames as the broker's batch limit allows."""
@@ -242,19 +251,15 @@ class Client:
         return ids
 
     async def result(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109 - the documented API
-        """Wait until the job is final and return it; TimeoutError after ``timeout``.
-
-        The broker is told the timeout too (where it takes it), so that a wait given up on
-        here does not go on there until the job ends."""
-        told = timeout is not None and self.welcome is not None and self.welcome.wait_timeout
+        """Wait until the job is final and return it; TimeoutError after ``timeout``."""
+        told, deadline = self._wait_timeouts(timeout)
         try:
-            # A moment longer than the broker's own end of the wait, which answers first.
-            with trio.fail_after(math.inf if timeout is None else timeout + (1.0 if told else 0.0)):
-                reply = await self._request(WaitJob(next(self._ids), job_id, timeout if told else None))
+            with trio.fail_after(deadline):
+                reply = await self._request(WaitJob(next(self._ids), job_id, told))
         except trio.TooSlowError:
             raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
         except RemoteError as exc:
-            if told and exc.code == ErrorCode.TIMEOUT.value:
+            if told is not None and exc.code == ErrorCode.TIMEOUT.value:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
             raise
         assert isinstance(reply, JobReply)

@@ -269,15 +269,16 @@ class _Backlog:
             return job.priority >= first
         return first < job.priority or (first == job.priority and job.seq >= self.frontier)
 
-    def hold(self, key: tuple[str, str], job: Job) -> None:
-        lines = self.held.get(job.priority)
+    def hold(self, key: tuple[str, str], priority: int, jobs: list[Job]) -> None:
+        """Jobs of one line and priority, after those of theirs held already."""
+        lines = self.held.get(priority)
         if lines is None:
-            lines = self.held[job.priority] = {}
+            lines = self.held[priority] = {}
         same = lines.get(key)
         if same is None:
-            lines[key] = [job]
+            lines[key] = jobs
         else:
-            same.append(job)
+            same.extend(jobs)
 
     def most_pending(self) -> int:
         """Journal jobs not loaded yet, or before they are counted, as many as could be."""
@@ -450,7 +451,6 @@ class Dispatcher:
         # less urgent than ``first`` (or as urgent, once releasing), as holds() says.
         first = b.first
         limit = None if first is None else first if b.releasing else first + 1
-        held = b.held
         for key, batch in pending.items():
             if limit is not None:
                 go = []
@@ -466,18 +466,11 @@ class Dispatcher:
                     else:
                         go.append(job)
                 for p, same in out.items():
-                    lines = held.get(p)
-                    if lines is None:
-                        lines = held[p] = {}
-                    before = lines.get(key)
-                    if before is None:
-                        lines[key] = same
-                    else:
-                        before.extend(same)
+                    b.hold(key, p, same)
                 batch = go
             self._line(key).extend(batch)
         if final:
-            self._release_next(first=True)
+            self._next_release()
         return requeued
 
     @property
@@ -487,18 +480,19 @@ class Dispatcher:
 
     def restore_release(self) -> bool:
         """The held jobs of the next priority join their lines; whether any are left."""
-        assert self._backlog is not None and self._backlog.releasing
-        self._release_next()
+        b = self._backlog
+        assert b is not None and b.releasing and b.first is not None
+        for key, jobs in b.held.pop(b.first).items():
+            go = [job for job in jobs if job.state is _QUEUED]  # cancelled ones are dropped
+            if go:
+                self._line(key).extend(go)
+        self._next_release()
         return self._backlog is not None
 
-    def _release_next(self, *, first: bool = False) -> None:
+    def _next_release(self) -> None:
+        """The next priority to release, or the end of the restore if none is held."""
         b = self._backlog
         assert b is not None
-        if not first and b.first is not None:
-            for key, jobs in b.held.pop(b.first, {}).items():
-                go = [job for job in jobs if job.state is _QUEUED]  # cancelled ones are dropped
-                if go:
-                    self._line(key).extend(go)
         b.first = min(b.held, default=None)
         if b.first is None:
             self._backlog = None
@@ -621,7 +615,7 @@ class Dispatcher:
         key = (job.queue, job.task)
         b = self._backlog
         if b is not None and b.holds(job):
-            b.hold(key, job)
+            b.hold(key, job.priority, [job])
         else:
             self._line(key).push(job)
         self.n_queued += 1

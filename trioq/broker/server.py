@@ -260,7 +260,7 @@ class Broker:
                 d.begin_restore(recovered.next_seq)
                 requeued = []
             elif store.inline:
-                self._seed_finished(store.counts_sync())
+                self._merge_finished(store.counts_sync())
                 requeued = d.restore(recovered.jobs, recovered.next_seq)
             else:
                 # The counts scan the whole table in SQLite (the GIL released) while the heaps
@@ -371,22 +371,17 @@ class Broker:
             )
 
     async def _count_finished(self) -> None:
-        self._seed_finished(await trio.to_thread.run_sync(self.store.counts_sync))
+        self._merge_finished(await trio.to_thread.run_sync(self.store.counts_sync))
 
     def _merge_finished(self, counts: dict[str, dict[str, int]]) -> None:
-        """Counts from the journal at open, added to those of jobs finished since."""
+        """The store's counts as of its open, added to those of jobs finished since (none,
+        unless the broker already serves: a restore)."""
         finished = self.dispatcher.finished
         terminal = {s.value for s in TERMINAL_STATES}
         for task, per in counts.items():
             for state, n in per.items():
                 if state in terminal:
                     finished[task, state] = finished.get((task, state), 0) + n
-
-    def _seed_finished(self, counts: dict[str, dict[str, int]]) -> None:
-        terminal = {s.value for s in TERMINAL_STATES}
-        self.dispatcher.finished = {
-            (task, state): n for task, per in counts.items() for state, n in per.items() if state in terminal
-        }
 
     def _dispatched(self, slot: WorkerSlot, jobs: list[Job]) -> None:
         if self.config.dispatch_mark_delay <= 0:
