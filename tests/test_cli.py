@@ -211,6 +211,16 @@ def test_numbers_json_cannot_carry_are_refused_before_anything_starts(args, hint
     assert hint in r.output and says in r.output
 
 
+@pytest.mark.parametrize("value, says", [("0", "0 is not in the range"), ("many", "'many' is not a valid integer")])
+def test_a_bad_restore_chunk_is_refused_before_the_broker_starts(value, says, tmp_path):
+    r = CliRunner().invoke(main, ["broker", "--db", str(tmp_path / "q.db"), "--restore-chunk", value])
+    assert r.exit_code == 2, r.output
+    assert "--restore-chunk" in r.output and says in r.output
+    assert not (tmp_path / "q.db").exists()  # refused before anything was opened
+    with pytest.raises(ValueError, match="restore_chunk must be positive"):
+        BrokerConfig(restore_chunk=0).validate()
+
+
 def test_a_broker_config_with_nan_is_refused():
     with pytest.raises(ValueError, match="heartbeat_interval must be a positive number of seconds"):
         BrokerConfig(heartbeat_interval=math.nan).validate()
