@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import trio
 
@@ -54,3 +56,79 @@ async def test_kill9_worker_mid_job_requeues_to_the_other(nursery, tmp_path):
     finally:
         for p in [*workers.values(), broker]:
             await p.stop()
+
+
+async def _running(c: trioq.Client, job_id: str) -> trioq.Job:
+    with trio.fail_after(30):
+        # another process's state: poll it, bounded by the deadline
+        while (job := await c.get_job(job_id)).state is not JobState.RUNNING:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return job
+
+
+async def _broker(nursery, tmp_path, port: int, *flags: str) -> TrioqProcess:
+    broker = await TrioqProcess.start(
+        nursery, "broker", "broker", "--port", str(port), "--no-http", "--db", str(tmp_path / "q.db"), *flags, cwd=tmp_path,
+    )
+    await broker.wait_for(r"broker listening on 127\.0\.0\.1:\d+")
+    return broker
+
+
+async def test_sigterm_lets_the_running_job_finish_and_its_waiting_client_gets_the_result(nursery, tmp_path):
+    """SIGTERM to the broker alone (its local worker keeps running): the job in hand finishes
+    within the grace, the client waiting on it gets the result, and the broker exits by itself."""
+    port = free_port()
+    broker = await _broker(nursery, tmp_path, port, "--workers", "1")
+    await broker.wait_for(r"worker local-1 joined")
+    try:
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+            job_id = await c.submit("slow_task", {"seconds": 2})
+            await _running(c, job_id)
+            waited: list[trioq.Job] = []
+
+            async def wait() -> None:
+                waited.append(await c.result(job_id, timeout=60))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(wait)
+                broker.proc.send_signal(signal.SIGTERM)
+            assert [j.state for j in waited] == [JobState.COMPLETED]
+            with pytest.raises(trioq.BrokerShuttingDown):
+                await c.status()  # the broker said why the connection ended
+        with trio.fail_after(30):  # it exits by itself: nobody sends SIGKILL
+            assert await broker.proc.wait() == 0
+        assert any("shutting down: waiting up to 10s for 1 running job(s)" in line for line in broker.lines)
+    finally:
+        await broker.stop()
+    again = await _broker(nursery, tmp_path, port)
+    try:
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+            assert (await c.get_job(job_id)).state is JobState.COMPLETED
+    finally:
+        await again.stop()
+
+
+async def test_sigterm_hands_a_job_past_the_grace_back_in_line_and_tells_its_waiter(nursery, tmp_path):
+    port = free_port()
+    broker = await _broker(nursery, tmp_path, port, "--workers", "1", "--shutdown-grace", "0.5")
+    await broker.wait_for(r"worker local-1 joined")
+    try:
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+            job_id = await c.submit("slow_task", {"seconds": 600})
+            await _running(c, job_id)
+            broker.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(trioq.BrokerShuttingDown, match=job_id):
+                await c.result(job_id, timeout=60)
+        with trio.fail_after(30):
+            assert await broker.proc.wait() == 0
+        assert any("handed back to their queues: " + job_id in line for line in broker.lines), "\n".join(broker.lines)
+    finally:
+        await broker.stop()
+    again = await _broker(nursery, tmp_path, port)
+    try:
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+            job = await c.get_job(job_id)
+            # in line, its attempt spent, no failure and no worker loss counted against it
+            assert (job.state, job.attempts, job.failures, job.worker_losses) == (JobState.QUEUED, 1, 0, 0)
+    finally:
+        await again.stop()

@@ -7,6 +7,7 @@ from .broker.config import BrokerConfig
 from .broker.server import Broker, BrokerHandle
 from .client import Client
 from .errors import (
+    BrokerShuttingDown,
     ConnectError,
     ConnectionLost,
     ErrorCode,
@@ -26,6 +27,7 @@ __all__ = [
     "Broker",
     "BrokerConfig",
     "BrokerHandle",
+    "BrokerShuttingDown",
     "Client",
     "ConnectError",
     "ConnectionLost",

@@ -13,6 +13,7 @@ import sqlite3
 import ssl
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,7 @@ def main() -> None:
 @click.option("--max-uncommitted", default=20_000, type=click.IntRange(1, 10_000_000), envvar="TRIOQ_MAX_UNCOMMITTED", show_default=True, help="Submitted jobs held between their frame and their commit, all producers together; past it, producers' connections are not read until commits catch up (bounds that part of the broker's memory, plus one decoded SUBMIT per waiting connection).")
 @click.option("--max-worker-losses", default=5, type=click.IntRange(1, 1000), envvar="TRIOQ_MAX_WORKER_LOSSES", show_default=True)
 @click.option("--result-ttl", default=7 * 24 * 3600.0, type=Seconds(0), envvar="TRIOQ_RESULT_TTL", show_default=True, help="Seconds finished jobs are kept.")
+@click.option("--shutdown-grace", default=10.0, type=Seconds(0, 3600), envvar="TRIOQ_SHUTDOWN_GRACE", show_default=True, help="On SIGTERM or Ctrl-C, seconds running jobs have to report before they are handed back to their queues (a second signal stops at once).")
 @click.option("--http/--no-http", default=True, envvar="TRIOQ_HTTP", show_default=True, help="Serve the REST API and dashboard.")
 @click.option("--http-host", default="127.0.0.1", envvar="TRIOQ_HTTP_HOST", show_default=True)
 @click.option("--http-port", default=8080, type=click.IntRange(0, 65535), envvar="TRIOQ_HTTP_PORT", show_default=True)
@@ -279,6 +281,7 @@ def broker(**o: Any) -> None:
         max_batch=o["max_batch"], max_payload=o["max_payload"], max_connections=o["max_connections"],
         max_errors=o["max_errors"],
         max_queued=o["max_queued"], max_uncommitted=o["max_uncommitted"], restore_chunk=o["restore_chunk"], max_worker_losses=o["max_worker_losses"], result_ttl=o["result_ttl"],
+        shutdown_grace=o["shutdown_grace"],
         allow_unknown_tasks=o["allow_unknown_tasks"], tasks=tuple(o["extra_tasks"]), db=o["db"], sync=o["sync"],
         http=o["http"], http_host=o["http_host"], http_port=o["http_port"], http_token=o["http_token"],
         http_tls=o["http_tls"], http_allowed_hosts=tuple(o["http_allowed_host"]),
@@ -295,21 +298,30 @@ def broker(**o: Any) -> None:
     if o["gc_tuning"]:
         tune_collector()
 
+    async def stop_gracefully(everything: trio.CancelScope) -> None:
+        try:
+            await b.shutdown()
+        finally:
+            everything.cancel()  # the broker, and the local workers' supervisor
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
             handle = await nursery.start(b.serve)
             if o["workers"]:
                 from .broker.supervisor import supervise_workers
 
-                await nursery.start(
+                await nursery.start(partial(
                     supervise_workers, o["workers"], handle.port, str(paths.ca_cert), o["concurrency"],
-                    o["tasks"], worker_token, o["log_level"],
-                )
+                    o["tasks"], worker_token, o["log_level"], stopping=lambda: b.closing,
+                ))
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for sig in signals:
-                    log.info("received %s: shutting down", signal.Signals(sig).name)
-                    nursery.cancel_scope.cancel()
-                    break
+                    if b.closing:
+                        log.warning("second %s: stopping now; jobs still running are requeued at the next start", signal.Signals(sig).name)
+                        nursery.cancel_scope.cancel()
+                        break
+                    log.info("received %s: shutting down (a second signal stops at once)", signal.Signals(sig).name)
+                    nursery.start_soon(stop_gracefully, nursery.cancel_scope)
 
     try:
         trio.run(run)
@@ -526,6 +538,8 @@ def status(**o: Any) -> None:
         if s.get("restoring"):
             pending = s.get("restore_pending") or "?"
             click.echo(f"restoring   {pending} job(s) of the journal not loaded yet, counted as queued (the broker serves meanwhile)")
+        if s.get("stopping"):
+            click.echo("stopping    the broker is shutting down: nothing more is dispatched while running jobs finish")
         click.echo(f"workers     {w['total']} ({w['idle']} idle, {w['busy']} busy, {w.get('capacity', 0)} slots)")
         click.echo("jobs        " + ", ".join(f"{k} {v}" for k, v in s["jobs"].items()))
         click.echo(f"requeued    {s['requeued']}")

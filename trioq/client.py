@@ -17,7 +17,15 @@ from typing import Any
 
 import trio
 
-from .errors import ConnectionLost, ErrorCode, JobNotFound, ProtocolError, RemoteError, TrioqError
+from .errors import (
+    BrokerShuttingDown,
+    ConnectionLost,
+    ErrorCode,
+    JobNotFound,
+    ProtocolError,
+    RemoteError,
+    TrioqError,
+)
 from .job import DEFAULT_PRIORITY, DEFAULT_QUEUE, Job, JobSpec
 from .protocol.connect import StreamFactory, open_session, tcp_tls_factory
 from .protocol.framing import FramedConnection
@@ -130,7 +138,8 @@ class Client:
                     if chan is not None:
                         chan.send_nowait(msg)
                     elif isinstance(msg, Error) and msg.fatal:
-                        raise ConnectionLost(f"broker closed the session: {msg.code}: {msg.message}")
+                        lost = BrokerShuttingDown if msg.code == ErrorCode.SHUTTING_DOWN else ConnectionLost
+                        raise lost(f"broker closed the session: {msg.code}: {msg.message}")
                     msg = conn.receive_nowait()
         except (ConnectionLost, ProtocolError) as exc:
             self._fail_pending(exc if isinstance(exc, ConnectionLost) else ConnectionLost(str(exc)))
@@ -146,7 +155,7 @@ class Client:
         if self._conn is None:
             raise TrioqError("use 'async with Client(...)' before sending requests")
         if self._closed is not None:
-            raise ConnectionLost(f"connection to the broker is closed: {self._closed}")
+            raise self._lost(f"connection to the broker is closed: {self._closed}")
         send, recv = trio.open_memory_channel[Message](replies)
         req: int = msg.req  # type: ignore[attr-defined]
         self._pending[req] = send
@@ -159,13 +168,19 @@ class Client:
         try:
             reply = await recv.receive()
         except trio.EndOfChannel:
-            raise ConnectionLost(f"connection to the broker ended: {self._closed}") from None
+            raise self._lost(f"connection to the broker ended: {self._closed}") from None
         if isinstance(reply, Error):
+            if reply.code == ErrorCode.SHUTTING_DOWN:
+                raise BrokerShuttingDown(f"{reply.code}: {reply.message}")
             job_id = getattr(msg, "id", None)
             if reply.code == "unknown_job" and job_id is not None:
                 raise JobNotFound(job_id)
             raise RemoteError(reply.code, reply.message)
         return reply
+
+    def _lost(self, message: str) -> ConnectionLost:
+        """Why requests end unanswered: a broker that said it shuts down, or a lost connection."""
+        return BrokerShuttingDown(message) if isinstance(self._closed, BrokerShuttingDown) else ConnectionLost(message)
 
     def _close(self, msg: Message) -> None:
         req: int = msg.req  # type: ignore[attr-defined]

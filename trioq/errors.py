@@ -21,6 +21,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     STALE = "stale"  # a report for an attempt that is no longer current
     TOO_MANY_ERRORS = "too_many_errors"  # the connection broke the rules too often and is closed
+    SHUTTING_DOWN = "shutting_down"  # the broker is stopping: the request was not answered, retry after
     INTERNAL = "internal"
 
 
@@ -52,6 +53,14 @@ class ConnectError(TrioqError):
 
 class ConnectionLost(TrioqError):
     """The connection to the broker ended while a request was waiting."""
+
+
+class BrokerShuttingDown(ConnectionLost):
+    """The broker stopped (SIGTERM, or ``Broker.shutdown``) before it answered.
+
+    What it had acknowledged is stored: a job waited for is finished after the restart, and a
+    request sent again then (a SUBMIT with an idempotency key, a wait) gets its answer.
+    """
 
 
 class JobNotFound(RemoteError):

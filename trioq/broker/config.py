@@ -50,6 +50,8 @@ class BrokerConfig:
     max_concurrency: int = 10_000  # per worker
     max_waits: int = 100_000  # outstanding WAITs per connection
     # lifecycle
+    #: a shutdown (SIGTERM) waits this long for running jobs to report before handing them back
+    shutdown_grace: float = 10.0
     result_ttl: float = 7 * 24 * 3600.0
     purge_interval: float = 60.0
     # memory: give free heap pages back after this many rows were written (0: never)
@@ -90,7 +92,7 @@ class BrokerConfig:
         for name in ("heartbeat_interval", "heartbeat_timeout", "handshake_timeout", "hello_timeout", "purge_interval"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number of seconds")
-        for name in ("lease_grace", "dispatch_mark_delay", "result_ttl", "heap_trim_interval", "retry_base", "retry_max", "retry_jitter"):
+        for name in ("lease_grace", "shutdown_grace", "dispatch_mark_delay", "result_ttl", "heap_trim_interval", "retry_base", "retry_max", "retry_jitter"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ValueError(f"{name} must be a finite number, 0 or more")
         if self.sync not in ("full", "normal", "off"):

@@ -66,6 +66,7 @@ log = logging.getLogger("trioq.broker")
 
 BACKPRESSURE_WAIT = 30.0
 RECENT_JOBS = 50_000
+SHUTDOWN_CLOSE_TIMEOUT = 5.0  # for open requests to be answered and connections to close
 MAX_NAME = 200  # characters in a HELLO name
 
 
@@ -86,6 +87,13 @@ class BrokerHandle:
     port: int
     http_port: int | None
     cancel_scope: trio.CancelScope
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully (see ``Broker.shutdown``), then end ``serve``."""
+        try:
+            await self.broker.shutdown(grace)
+        finally:
+            self.cancel_scope.cancel()
 
 
 def job_summary(job: Job) -> dict[str, Any]:
@@ -189,6 +197,12 @@ class Broker:
         self.observers: list[Callable[[str, Any], None]] = []
         self.http_port: int | None = None
         self.port: int | None = None  # the trioq listener's bound port, once serving
+        #: set by shutdown(): no new connections or dispatches, open requests answered
+        self.closing = False
+        self._listening = trio.CancelScope()
+        #: how shutdown() ends each open connection, by connection
+        self._closers: dict[FramedConnection, Callable[[], None]] = {}
+        self._all_closed = trio.Event()
 
     # --- startup ------------------------------------------------------------------
 
@@ -209,7 +223,7 @@ class Broker:
         listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
         port = listeners[0].socket.getsockname()[1]
         self.port = port
-        await nursery.start(trio.serve_listeners, self._handle_tcp, listeners)
+        await nursery.start(self._listen, listeners, nursery)
         if cfg.require_client_cert:
             auth = "client certificates"
         elif self.auth.open:
@@ -230,6 +244,82 @@ class Broker:
 
             self.http_port = await nursery.start(serve_http, self)
         task_status.started(BrokerHandle(self, cfg.host, port, self.http_port, nursery.cancel_scope))
+
+    async def _listen(
+        self, listeners: list[trio.SocketListener], connections: trio.Nursery,
+        *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The listeners in a scope of their own: a shutdown closes them, not the connections
+        (which live in the broker's nursery)."""
+        with self._listening:
+            await trio.serve_listeners(self._handle_tcp, listeners, handler_nursery=connections, task_status=task_status)
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """What SIGTERM does, before ``serve`` is cancelled: stop without breaking a promise.
+
+        The port closes and nothing more is dispatched. Running jobs have ``grace`` seconds
+        (``shutdown_grace``) to report; what still runs then is handed back to its line, as a
+        worker's own RELEASE would be (stored, not counted as a failure). Then every open
+        request is answered ``shutting_down``, and every connection is told so before it
+        closes. SUBMITs are served until then: they are stored, and run after the restart.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        grace = self.config.shutdown_grace if grace is None else grace
+        self._listening.cancel()
+        d = self.dispatcher
+        await self._call(self._stop_dispatching)
+        if d.n_running:
+            log.info("shutting down: waiting up to %gs for %d running job(s)", grace, d.n_running)
+            quiet = trio.Event()
+
+            def watch(kind: str, _data: Any) -> None:
+                if kind == "changed" and not d.n_running:
+                    quiet.set()
+
+            self.observers.append(watch)
+            try:
+                with trio.move_on_after(grace):
+                    await quiet.wait()
+            finally:
+                self.observers.remove(watch)
+        back = await self._call(self._hand_back_running)
+        if back:
+            log.warning(
+                "shutting down: %d job(s) still running after %gs handed back to their queues: %s",
+                len(back), grace, ", ".join(j.id for j in back[:20]),
+            )
+        else:
+            log.info("shutting down: no job running")
+        # Waits learn of a job's end from its commit: the last results (and the hand-backs)
+        # are committed, and their waits answered, before open waits are told shutting_down.
+        with trio.move_on_after(SHUTDOWN_CLOSE_TIMEOUT):
+            try:
+                await self.writer.write([])
+            except StoreError:
+                pass  # the store is failing: the rows are written by serve's last flush
+        for close in list(self._closers.values()):
+            close()
+        if self._closers:
+            with trio.move_on_after(SHUTDOWN_CLOSE_TIMEOUT):
+                await self._all_closed.wait()
+
+    def _stop_dispatching(self) -> None:
+        for session in self.worker_sessions.values():
+            self.dispatcher.drain_nowait(session.slot)
+            session.send_drain(False)  # "quiet": it finishes what it runs, and stays connected
+
+    def _hand_back_running(self) -> list[Job]:
+        back = []
+        for session in list(self.worker_sessions.values()):
+            slot = session.slot
+            held = list(slot.held.values())
+            for job in held:
+                if job.state is JobState.RUNNING:
+                    slot.abort(job, "the broker is shutting down; the job is back in its queue")
+            back += self.dispatcher.release_nowait(slot, [(job.id, job.attempts) for job in held])
+        return back
 
     async def start_core(self, nursery: trio.Nursery) -> None:
         """Recover from the store and start the writer, dispatcher and purge loop.
@@ -492,30 +582,43 @@ class Broker:
     ) -> None:
         """Speak trioq over an established stream until it ends; never raises to the caller."""
         conn = FramedConnection(stream, max_frame=self.config.max_frame)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_writer, conn, nursery.cancel_scope)
-            try:
-                await self._session(conn, peer, cert_role, cert_name)
-            except ProtocolError as exc:
-                log.warning("connection from %s closed: %s: %s", peer, exc.code.value, exc.message)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_writer, conn, nursery.cancel_scope)
                 try:
-                    conn.send_nowait(Error(exc.code.value, exc.message, fatal=True))
+                    # A shutdown cancels this scope, or (a producer) lets the session wind down
+                    # itself; the writer, outside it, still sends what the session answered.
+                    with trio.CancelScope() as session_scope:
+                        self._closers[conn] = session_scope.cancel
+                        if self.closing:
+                            session_scope.cancel()
+                        await self._session(conn, peer, cert_role, cert_name)
+                    if self.closing:
+                        conn.send_nowait(Error(ErrorCode.SHUTTING_DOWN.value, "the broker is shutting down", fatal=True))
+                except ProtocolError as exc:
+                    log.warning("connection from %s closed: %s: %s", peer, exc.code.value, exc.message)
+                    try:
+                        conn.send_nowait(Error(exc.code.value, exc.message, fatal=True))
+                    except ConnectionLost:
+                        pass
                 except ConnectionLost:
                     pass
-            except ConnectionLost:
-                pass
-            except Exception:  # a bug must cost one connection, never the broker
-                log.exception("connection from %s closed: internal error", peer)
-                try:
-                    conn.send_nowait(Error(ErrorCode.INTERNAL.value, "internal error (see the broker log)", fatal=True))
-                except ConnectionLost:
-                    pass
-            finally:
-                conn.close_after_flush()
-                with trio.move_on_after(2):
-                    await conn.wait_flushed()
-                nursery.cancel_scope.cancel()
-        await conn.aclose()
+                except Exception:  # a bug must cost one connection, never the broker
+                    log.exception("connection from %s closed: internal error", peer)
+                    try:
+                        conn.send_nowait(Error(ErrorCode.INTERNAL.value, "internal error (see the broker log)", fatal=True))
+                    except ConnectionLost:
+                        pass
+                finally:
+                    conn.close_after_flush()
+                    with trio.move_on_after(2):
+                        await conn.wait_flushed()
+                    nursery.cancel_scope.cancel()
+            await conn.aclose()
+        finally:  # a shutdown waits for the last connection's answers to be written
+            self._closers.pop(conn, None)
+            if self.closing and not self._closers:
+                self._all_closed.set()
 
     async def _session(self, conn: FramedConnection, peer: str, cert_role: str | None, cert_name: str | None = None) -> None:
         cfg = self.config
@@ -612,6 +715,9 @@ class Broker:
             return
         self.dispatcher.join_nowait(slot)
         self.worker_sessions[slot.id] = session
+        if self.closing:  # it connected as the port closed: it gets nothing more
+            self.dispatcher.drain_nowait(slot)
+            session.send_drain(False)
         for task, defaults in session.hello.defaults.items():
             self.task_defaults[task] = attrs.asdict(defaults)
         self.writer.write_nowait([], tasks=slot.tasks)
@@ -623,7 +729,7 @@ class Broker:
 
     def worker_left(self, slot: WorkerSlot, reason: str) -> None:
         self.worker_sessions.pop(slot.id, None)
-        log.warning("worker %s lost: %s", slot.name, reason)
+        log.log(logging.INFO if self.closing else logging.WARNING, "worker %s lost: %s", slot.name, reason)
         self.publish_worker(slot, "lost")
 
     def _log_requeue(self, slot: WorkerSlot | None, jobs: list[Job], reason: str) -> None:
@@ -926,6 +1032,7 @@ class Broker:
             # a restart serves while it loads the journal: whether it still does, and how
             # many of the journal's unfinished jobs are not loaded yet (0 until it knows)
             "restoring": not self.restored.is_set(),
+            "stopping": self.closing,
             "restore_pending": st.restoring,
             "workers": {
                 "total": st.workers, "idle": st.idle_workers, "busy": st.busy_workers,

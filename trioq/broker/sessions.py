@@ -95,7 +95,11 @@ class RequestError(Exception):
 
 BENIGN_CODES = frozenset({
     ErrorCode.UNKNOWN_JOB, ErrorCode.INVALID_STATE, ErrorCode.BUSY, ErrorCode.STALE, ErrorCode.TIMEOUT,
+    ErrorCode.SHUTTING_DOWN,
 })
+
+#: A shutdown gives a producer's requests under way this long to be answered as usual.
+WIND_DOWN = 3.0
 
 
 class Session:
@@ -140,28 +144,47 @@ class ProducerSession(Session):
         limiter = trio.CapacityLimiter(256)
         self.waits = 0
         self._fatal: ProtocolError | None = None
+        self._closing = False
+        self._reading = trio.CancelScope()
+        self._wait_scopes: set[trio.CancelScope] = set()
         conn = self.conn
         # Answers not yet written, past which no further request is read: a producer that
         # does not read its answers must not make the broker hold them without bound.
         unsent = self.broker.config.max_frame
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.broker._closers[conn] = self.close_for_shutdown
+            if self.broker.closing:
+                self.close_for_shutdown()
+            ended = True
             try:
-                while True:
-                    msg = await conn.receive()
-                    while msg is not None:
-                        if conn.queued_bytes > unsent:
-                            await conn.wait_queued_below(unsent)
-                        await self._dispatch(nursery, limiter, msg)
-                        msg = conn.receive_nowait()
+                with self._reading:
+                    while True:
+                        msg = await conn.receive()
+                        while msg is not None:
+                            if conn.queued_bytes > unsent:
+                                await conn.wait_queued_below(unsent)
+                            await self._dispatch(nursery, limiter, msg)
+                            msg = conn.receive_nowait()
+                ended = False  # a shutdown stopped the reading
             except ConnectionLost:
                 pass
             except ProtocolError as exc:
                 self._fatal = exc
             finally:
-                nursery.cancel_scope.cancel()
+                if ended:
+                    nursery.cancel_scope.cancel()
+                else:
+                    nursery.cancel_scope.deadline = trio.current_time() + WIND_DOWN
         if self._fatal is not None:
             raise self._fatal
+
+    def close_for_shutdown(self) -> None:
+        """Read no further request; answer the waits at once (shutting_down), the rest as usual."""
+        self._closing = True
+        self._reading.cancel()
+        for scope in self._wait_scopes:
+            scope.cancel()
 
     async def _dispatch(self, nursery: trio.Nursery, limiter: trio.CapacityLimiter, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
@@ -211,6 +234,16 @@ class ProducerSession(Session):
         try:
             try:
                 await handler(self, msg, size)
+            except trio.Cancelled:
+                if self._closing:  # WIND_DOWN is over: still an answer, before the connection ends
+                    what = f"this {msg.TYPE}"
+                    if type(msg) is Submit:
+                        what += " (its jobs may be stored: an idempotency key makes sending them again safe)"
+                    try:
+                        self.conn.send_nowait(Error(ErrorCode.SHUTTING_DOWN.value, f"the broker is shutting down before answering {what}", req=req))
+                    except ConnectionLost:
+                        pass
+                raise
             except RequestError as exc:
                 self.refuse(exc.code, exc.message, req)
             except StoreError as exc:
@@ -301,16 +334,25 @@ class ProducerSession(Session):
         """Answer once the job is final; the wait was counted (and its timeout checked) by
         whoever called."""
         timeout = msg.timeout
+        # Its scope ends at the timeout, or when a shutdown answers every wait.
+        scope = trio.CancelScope(deadline=math.inf if timeout is None else trio.current_time() + timeout)
+        self._wait_scopes.add(scope)
         try:
-            if timeout is None:  # the common case, without a cancel scope
+            if self._closing:
+                scope.cancel()
+            with scope:
                 job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
-            else:
-                with trio.move_on_after(timeout) as scope:
-                    job = await self.broker.wait_job(msg.id, owner=self.reads_only_own)
-                if scope.cancelled_caught:
-                    raise RequestError(ErrorCode.TIMEOUT, f"job {msg.id} did not finish within {timeout:g}s")
         finally:
+            self._wait_scopes.discard(scope)
             self.waits -= 1
+        if scope.cancelled_caught:
+            if self._closing:
+                raise RequestError(
+                    ErrorCode.SHUTTING_DOWN,
+                    f"the broker is shutting down before job {msg.id} finished; the job stays stored, "
+                    "and is finished after the restart",
+                )
+            raise RequestError(ErrorCode.TIMEOUT, f"job {msg.id} did not finish within {timeout:g}s")
         if job is None:  # no such job, or (an idempotency key matched) one this session may not read
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {msg.id!r}")
         self.conn.send_nowait(JobReply(msg.req, job))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import trio
 
@@ -22,15 +23,21 @@ async def supervise_workers(
     token: str | None,
     log_level: str,
     *,
+    stopping: Callable[[], bool] = lambda: False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Keep ``count`` workers running; one that exits once ``stopping()`` (the broker shuts
+    down, and a Ctrl-C reached the workers too) is not started again."""
     async with trio.open_nursery() as nursery:
         for i in range(count):
-            nursery.start_soon(_keep_alive, i + 1, port, ca, concurrency, tasks, token, log_level)
+            nursery.start_soon(_keep_alive, i + 1, port, ca, concurrency, tasks, token, log_level, stopping)
         task_status.started()
 
 
-async def _keep_alive(index: int, port: int, ca: str, concurrency: int, tasks: str | None, token: str | None, log_level: str) -> None:
+async def _keep_alive(
+    index: int, port: int, ca: str, concurrency: int, tasks: str | None, token: str | None, log_level: str,
+    stopping: Callable[[], bool],
+) -> None:
     cmd = [
         sys.executable, "-m", "trioq", "worker",
         "--broker", f"127.0.0.1:{port}", "--ca", ca,
@@ -58,6 +65,9 @@ async def _keep_alive(index: int, port: int, ca: str, concurrency: int, tasks: s
                     if proc.returncode is None:
                         proc.kill()
                         await proc.wait()
+        if stopping():
+            log.info("local worker %d (pid %d) exited with %s", index, proc.pid, code)
+            return
         if trio.current_time() - started > 30:
             delay = 0.5
         log.warning("local worker %d (pid %d) exited with %s; restarting in %.1fs", index, proc.pid, code, delay)

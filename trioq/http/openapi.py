@@ -111,6 +111,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "queue_size": INT,
             "restoring": {"type": "boolean", "description": "A restart is still loading the journal's unfinished jobs (it serves meanwhile)"},
+            "stopping": {"type": "boolean", "description": "A shutdown is under way: nothing more is dispatched while running jobs finish"},
             "restore_pending": {**INT, "description": "The journal's unfinished jobs not loaded yet (0 until counted)"},
             "workers": _object({"total": INT, "idle": INT, "busy": INT}),
             "jobs": _object({s.value: INT for s in JobState}),

@@ -28,7 +28,7 @@ import orjson
 import trio
 import trio.lowlevel
 
-from ..errors import ConnectError, ConnectionLost, ProtocolError, RemoteError
+from ..errors import ConnectError, ConnectionLost, ErrorCode, ProtocolError, RemoteError
 from ..job import DEFAULT_QUEUE, ErrorInfo, Progress
 from ..protocol.connect import StreamFactory, open_session, tcp_tls_factory
 from ..protocol.framing import FramedConnection
@@ -463,7 +463,10 @@ class Worker:
                         self.grace = 0
                         self.request_stop()
                 elif t is Error:
-                    level = logging.ERROR if msg.fatal else logging.INFO  # type: ignore[attr-defined]
+                    level = logging.INFO
+                    if msg.fatal:  # type: ignore[attr-defined]
+                        # a broker stopping is routine: the worker reconnects to its restart
+                        level = logging.WARNING if msg.code == ErrorCode.SHUTTING_DOWN else logging.ERROR  # type: ignore[attr-defined]
                     log.log(level, "broker says %s: %s", msg.code, msg.message)  # type: ignore[attr-defined]
                     if msg.fatal:  # type: ignore[attr-defined]
                         raise ConnectionLost(f"broker closed the session: {msg.code}: {msg.message}")  # type: ignore[attr-defined]
