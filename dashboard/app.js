@@ -392,6 +392,7 @@
     var rb = $('restore-badge');
     rb.hidden = !s.restoring;
     if (s.restoring) rb.title = (s.restore_pending ? fmtCompact(s.restore_pending) : 'Some') + ' unfinished jobs of the journal are not loaded yet (a restart; the broker serves meanwhile)';
+    $('stop-badge').hidden = !s.stopping;
     var dc = $('dead-count');
     var dtxt = isNum(j.dead) && j.dead > 0 ? fmtCompact(j.dead) : '';
     if (dc.textContent !== dtxt) dc.textContent = dtxt;

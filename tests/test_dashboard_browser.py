@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -505,3 +506,20 @@ def test_no_console_errors_and_a_screenshot(dash: Dashboard, tmp_path: Path) -> 
     assert d.console_errors == [], "errors in the page:\n" + "\n".join(d.console_errors)
     assert d.page.locator('[data-testid="panel-error"]').count() == 0
     assert d.page.locator('[data-testid="toast"].err').count() == 0
+
+
+def test_a_shutdown_shows_stopping_and_the_broker_exits_by_itself(dash: Dashboard) -> None:
+    """Last in the module: it stops the shared broker (SIGTERM to it alone, its worker keeps
+    the job), and the page, still served during the grace, says so."""
+    d = dash
+    headers = {"Authorization": f"Bearer {d.token}"}
+    r = d.api.post("/api/submit", json={"task": "slow_task", "payload": {"seconds": 60}}, headers=headers)
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    expect(d.job_row(job_id)).to_have_attribute("data-state", "running", timeout=WAIT_MS)
+    expect(d.by_id("stop-badge")).to_be_hidden()
+    d.broker.proc.send_signal(signal.SIGTERM)
+    expect(d.by_id("stop-badge")).to_be_visible(timeout=WAIT_MS)
+    assert d.broker.proc.wait(60) == 0
+    d.broker.wait_for(rf"shutting down: \d+ job\(s\) still running after 10s handed back to their queues: .*{job_id}")
+    assert_same_page(d)
