@@ -81,7 +81,8 @@ async def test_sigterm_lets_the_running_job_finish_and_its_waiting_client_gets_t
     broker = await _broker(nursery, tmp_path, port, "--workers", "1")
     await broker.wait_for(r"worker local-1 joined")
     try:
-        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+        # reconnect_timeout=0: the broker's own answers, not a client that connects again
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem", reconnect_timeout=0) as c:
             job_id = await c.submit("slow_task", {"seconds": 2})
             await _running(c, job_id)
             waited: list[trioq.Job] = []
@@ -113,7 +114,8 @@ async def test_sigterm_hands_a_job_past_the_grace_back_in_line_and_tells_its_wai
     broker = await _broker(nursery, tmp_path, port, "--workers", "1", "--shutdown-grace", "0.5")
     await broker.wait_for(r"worker local-1 joined")
     try:
-        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+        # reconnect_timeout=0: the broker's own answers, not a client that connects again
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem", reconnect_timeout=0) as c:
             job_id = await c.submit("slow_task", {"seconds": 600})
             await _running(c, job_id)
             broker.proc.send_signal(signal.SIGTERM)
@@ -132,3 +134,37 @@ async def test_sigterm_hands_a_job_past_the_grace_back_in_line_and_tells_its_wai
             assert (job.state, job.attempts, job.failures, job.worker_losses) == (JobState.QUEUED, 1, 0, 0)
     finally:
         await again.stop()
+
+
+async def test_a_client_waiting_on_a_job_rides_through_a_broker_restart(nursery, tmp_path):
+    """The broker stops (SIGTERM, the job handed back after a short grace) and starts again on
+    the same journal: the client's wait connects again by itself and returns the result."""
+    port = free_port()
+    flags = ("--workers", "1", "--shutdown-grace", "0.5")
+    broker = await _broker(nursery, tmp_path, port, *flags)
+    await broker.wait_for(r"worker local-1 joined")
+    again = None
+    try:
+        async with trioq.Client("127.0.0.1", port, ca=tmp_path / "certs" / "ca.pem") as c:
+            job_id = await c.submit("slow_task", {"seconds": 3})
+            await _running(c, job_id)
+            done: list[trioq.Job] = []
+
+            async def wait() -> None:
+                done.append(await c.result(job_id, timeout=120))
+
+            async with trio.open_nursery() as n:
+                n.start_soon(wait)
+                broker.proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(30):
+                    assert await broker.proc.wait() == 0
+                again = await _broker(nursery, tmp_path, port, *flags)
+            assert len(done) == 1
+            job = done[0]
+            assert (job.state, job.result, job.attempts, job.failures) == (JobState.COMPLETED, "slept 3s", 2, 0)
+            assert c.reconnects >= 1
+            assert (await c.status())["jobs"]["completed"] == 1  # the same client goes on
+    finally:
+        await broker.stop()
+        if again is not None:
+            await again.stop()

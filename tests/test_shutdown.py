@@ -15,7 +15,8 @@ from .conftest import FakeWorker, memory_broker, memory_connect
 
 
 def client(broker, nursery) -> trioq.Client:
-    return trioq.Client(connect=memory_connect(broker, nursery))
+    # reconnect_timeout=0: what the broker answers, not a client that connects again
+    return trioq.Client(connect=memory_connect(broker, nursery), reconnect_timeout=0)
 
 
 async def start_worker(broker, nursery, name: str = "w", **kw) -> trioq.Worker:

@@ -19,6 +19,7 @@ import trio
 
 from .errors import (
     BrokerShuttingDown,
+    ConnectError,
     ConnectionLost,
     ErrorCode,
     JobNotFound,
@@ -71,6 +72,7 @@ class Client:
         name: str = "client",
         connect: StreamFactory | None = None,
         timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
     ) -> None:
         if connect is None:
             if ssl_context is None:
@@ -88,6 +90,11 @@ class Client:
         self._closed: BaseException | None = None
         self._cm: Any = None
         self.welcome: Welcome | None = None
+        #: how long a request after a lost connection tries to connect again (0: never)
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
+        self._reconnecting = trio.Lock()
+        self._nursery: trio.Nursery | None = None
 
     async def __aenter__(self) -> Client:
         self._cm = self._run()
@@ -98,12 +105,10 @@ class Client:
 
     @asynccontextmanager
     async def _run(self) -> AsyncIterator[Client]:
-        conn, self.welcome = await open_session(self._connect, self._hello, handshake_timeout=self._timeout)
-        self._conn = conn
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, conn)
-                nursery.start_soon(self._reader, conn)
+                self._nursery = nursery
+                await self._open_session()
                 try:
                     yield self
                 finally:
@@ -114,16 +119,65 @@ class Client:
                 raise group.exceptions[0] from None
             raise
         finally:
+            self._nursery = None
             self._fail_pending(ConnectionLost("client closed"))
-            await conn.aclose()
+            if self._conn is not None:
+                await self._conn.aclose()
 
-    async def _writer(self, conn: FramedConnection) -> None:
+    async def _open_session(self) -> None:
+        conn, welcome = await open_session(self._connect, self._hello, handshake_timeout=self._timeout)
+        old, self._conn, self.welcome, self._closed = self._conn, conn, welcome, None
+        if old is not None:
+            await old.aclose()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._session, conn)
+
+    async def _session(self, conn: FramedConnection) -> None:
+        """One connection's writer and reader; a loss ends both, and fails what it carried."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer, conn, nursery.cancel_scope)
+            nursery.start_soon(self._reader, conn, nursery.cancel_scope)
+
+    async def _reconnect(self) -> None:
+        """After a lost connection: connect again, backing off, within ``reconnect_timeout``
+        (a broker restarting, or one that said it shuts down). ConnectError if it cannot."""
+        async with self._reconnecting:  # one task reconnects; the others find it done
+            if self._closed is None or self._nursery is None:
+                return
+            lost = self._closed
+            deadline = trio.current_time() + self.reconnect_timeout
+            delay = 0.05
+            while True:
+                try:
+                    await self._open_session()
+                    self.reconnects += 1
+                    return
+                except RemoteError as exc:
+                    if exc.code != ErrorCode.SHUTTING_DOWN:
+                        raise  # the broker refused this client's HELLO: it would again
+                    last: TrioqError = exc
+                except ConnectError as exc:
+                    last = exc
+                if trio.current_time() + delay > deadline:
+                    raise ConnectError(
+                        f"the connection to the broker was lost ({lost}) and could not be made again "
+                        f"within {self.reconnect_timeout:g}s: {last}"
+                    )
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _ready(self) -> None:
+        if self._closed is not None and self.reconnect_timeout > 0 and self._nursery is not None:
+            await self._reconnect()
+
+    async def _writer(self, conn: FramedConnection, scope: trio.CancelScope) -> None:
         try:
             await conn.run_writer()
         except ConnectionLost as exc:
-            self._fail_pending(exc)
+            self._lost(conn, exc)
+        scope.cancel()
 
-    async def _reader(self, conn: FramedConnection) -> None:
+    async def _reader(self, conn: FramedConnection, scope: trio.CancelScope) -> None:
         try:
             while True:
                 msg = await conn.receive()
@@ -142,7 +196,12 @@ class Client:
                         raise lost(f"broker closed the session: {msg.code}: {msg.message}")
                     msg = conn.receive_nowait()
         except (ConnectionLost, ProtocolError) as exc:
-            self._fail_pending(exc if isinstance(exc, ConnectionLost) else ConnectionLost(str(exc)))
+            self._lost(conn, exc if isinstance(exc, ConnectionLost) else ConnectionLost(str(exc)))
+        scope.cancel()
+
+    def _lost(self, conn: FramedConnection, exc: ConnectionLost) -> None:
+        if conn is self._conn:  # not a connection already replaced by a reconnect
+            self._fail_pending(exc)
 
     def _fail_pending(self, exc: BaseException) -> None:
         self._closed = self._closed or exc
@@ -155,7 +214,7 @@ class Client:
         if self._conn is None:
             raise TrioqError("use 'async with Client(...)' before sending requests")
         if self._closed is not None:
-            raise self._lost(f"connection to the broker is closed: {self._closed}")
+            raise self._lost_error(f"connection to the broker is closed: {self._closed}")
         send, recv = trio.open_memory_channel[Message](replies)
         req: int = msg.req  # type: ignore[attr-defined]
         self._pending[req] = send
@@ -168,7 +227,7 @@ class Client:
         try:
             reply = await recv.receive()
         except trio.EndOfChannel:
-            raise self._lost(f"connection to the broker ended: {self._closed}") from None
+            raise self._lost_error(f"connection to the broker ended: {self._closed}") from None
         if isinstance(reply, Error):
             if reply.code == ErrorCode.SHUTTING_DOWN:
                 raise BrokerShuttingDown(f"{reply.code}: {reply.message}")
@@ -178,7 +237,7 @@ class Client:
             raise RemoteError(reply.code, reply.message)
         return reply
 
-    def _lost(self, message: str) -> ConnectionLost:
+    def _lost_error(self, message: str) -> ConnectionLost:
         """Why requests end unanswered: a broker that said it shuts down, or a lost connection."""
         return BrokerShuttingDown(message) if isinstance(self._closed, BrokerShuttingDown) else ConnectionLost(message)
 
@@ -188,10 +247,20 @@ class Client:
         self._two_part.discard(req)
 
     async def _request(self, msg: Message) -> Message:
+        await self._ready()
         try:
             return await self._reply(self._open(msg), msg)
         finally:
             self._close(msg)
+
+    async def _read(self, msg: Message) -> Message:
+        """A request that changes nothing: sent again once if the connection was lost."""
+        try:
+            return await self._request(msg)
+        except ConnectionLost:
+            if self.reconnect_timeout <= 0:
+                raise
+        return await self._request(msg)
 
     # --- the API -------------------------------------------------------------------------------
 
@@ -218,32 +287,45 @@ class Client:
         (priority, queue, delay, run_at, max_attempts, timeout, idempotency_key).
 
         The broker answers with an ACK once the job is stored and a JOB once it is final, both
-        for this one request: a TimeoutError after the ACK names the job's id (the job goes on)."""
+        for this one request: a TimeoutError after the ACK names the job's id (the job goes on).
+        A connection lost after the ACK is waited out as ``result`` does; before it, the job is
+        sent again only if it has an idempotency key (otherwise it may be stored twice)."""
         spec = JobSpec(task, {} if payload is None else payload, **options)
-        if self.welcome is None or not self.welcome.submit_wait:
-            return await self.result((await self.submit_many([spec]))[0], timeout=result_timeout)
-        told, deadline = self._wait_timeouts(result_timeout)
-        msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=told)
-        job_id = None
-        try:
-            with trio.fail_after(deadline):
-                recv = self._open(msg, replies=2)
-                ack = await self._reply(recv, msg)
-                assert isinstance(ack, Ack)
-                job_id = ack.ids[0]
-                reply = await self._reply(recv, msg)
-        except trio.TooSlowError:
-            if job_id is None:
-                raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
-            raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
-        except RemoteError as exc:
-            if told is not None and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
+        end = _end(result_timeout)
+        while True:
+            await self._ready()
+            if self.welcome is None or not self.welcome.submit_wait:
+                return await self.result((await self.submit_many([spec]))[0], timeout=_left(end))
+            told, deadline = self._wait_timeouts(_left(end))
+            msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=told)
+            job_id = None
+            try:
+                with trio.fail_after(deadline):
+                    recv = self._open(msg, replies=2)
+                    ack = await self._reply(recv, msg)
+                    assert isinstance(ack, Ack)
+                    job_id = ack.ids[0]
+                    reply = await self._reply(recv, msg)
+            except trio.TooSlowError:
+                if job_id is None:
+                    raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
                 raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
-            raise
-        finally:
-            self._close(msg)
-        assert isinstance(reply, JobReply)
-        return reply.job
+            except RemoteError as exc:
+                if told is not None and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
+                    raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
+                raise
+            except ConnectionLost as exc:
+                if self.reconnect_timeout <= 0:
+                    raise
+                if job_id is not None:
+                    return await self.result(job_id, timeout=_left(end))
+                if spec.idempotency_key is None:
+                    raise type(exc)(f"{exc} (the job may have been stored: with an idempotency_key it is sent again)") from None
+                continue
+            finally:
+                self._close(msg)
+            assert isinstance(reply, JobReply)
+            return reply.job
 
     def _wait_timeouts(self, timeout: float | None) -> tuple[float | None, float]:
         """The timeout to tell the broker (where it takes one, so that a wait given up on here
@@ -256,32 +338,55 @@ class Client:
         return None, timeout
 
     async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
-        """Submit a batch in as few frames as the broker's batch limit allows."""
+        """Submit a batch in as few frames as the broker's batch limit allows. A frame whose
+        answer a lost connection took is sent again once connected if every job in it has an
+        idempotency key; otherwise ConnectionLost says how many jobs are surely stored."""
+        await self._ready()
         limit = self.welcome.max_batch if self.welcome else 1000
         ids: list[str] = []
         for i in range(0, len(specs), limit):
-            reply = await self._request(Submit(next(self._ids), list(specs[i : i + limit])))
+            chunk = list(specs[i : i + limit])
+            try:
+                reply = await self._request(Submit(next(self._ids), chunk))
+            except ConnectionLost as exc:
+                if self.reconnect_timeout <= 0 or not all(spec.idempotency_key is not None for spec in chunk):
+                    raise type(exc)(
+                        f"{exc} ({len(ids)} of the {len(specs)} jobs are stored; the next {len(chunk)} may be: "
+                        "with idempotency keys they are sent again)"
+                    ) from None
+                reply = await self._request(Submit(next(self._ids), chunk))
             assert isinstance(reply, Ack)
             ids.extend(reply.ids)
         return ids
 
     async def result(self, job_id: str, timeout: float | None = None) -> Job:  # noqa: ASYNC109 - the documented API
-        """Wait until the job is final and return it; TimeoutError after ``timeout``."""
-        told, deadline = self._wait_timeouts(timeout)
-        try:
-            with trio.fail_after(deadline):
-                reply = await self._request(WaitJob(next(self._ids), job_id, told))
-        except trio.TooSlowError:
-            raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
-        except RemoteError as exc:
-            if told is not None and exc.code == ErrorCode.TIMEOUT.value:
+        """Wait until the job is final and return it; TimeoutError after ``timeout``. A wait
+        cut by a lost connection (a broker restarting) waits again once connected."""
+        end = _end(timeout)
+        retries = 0
+        while True:
+            told, deadline = self._wait_timeouts(_left(end))
+            try:
+                with trio.fail_after(deadline):
+                    reply = await self._request(WaitJob(next(self._ids), job_id, told))
+            except trio.TooSlowError:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
-            raise
-        assert isinstance(reply, JobReply)
-        return reply.job
+            except RemoteError as exc:
+                if told is not None and exc.code == ErrorCode.TIMEOUT.value:
+                    raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
+                raise
+            except ConnectionLost:
+                if self.reconnect_timeout <= 0:
+                    raise
+                if retries:  # a broker that keeps closing new connections is not hammered
+                    await trio.sleep(min(0.05 * 2**retries, 2.0))
+                retries += 1
+                continue
+            assert isinstance(reply, JobReply)
+            return reply.job
 
     async def get_job(self, job_id: str) -> Job:
-        reply = await self._request(GetJob(next(self._ids), job_id))
+        reply = await self._read(GetJob(next(self._ids), job_id))
         assert isinstance(reply, JobReply)
         return reply.job
 
@@ -289,7 +394,7 @@ class Client:
         self, *, state: str | None = None, queue: str | None = None, task: str | None = None,
         limit: int = 50, cursor: int | None = None,
     ) -> tuple[list[Job], int | None]:
-        reply = await self._request(ListJobs(next(self._ids), state, queue, task, limit, cursor))
+        reply = await self._read(ListJobs(next(self._ids), state, queue, task, limit, cursor))
         assert isinstance(reply, JobsReply)
         return reply.jobs, reply.next_cursor
 
@@ -318,6 +423,14 @@ class Client:
         return await self.pause(queue, paused=False)
 
     async def status(self) -> dict[str, Any]:
-        reply = await self._request(StatusRequest(next(self._ids)))
+        reply = await self._read(StatusRequest(next(self._ids)))
         assert isinstance(reply, StatusReply)
         return reply.stats
+
+
+def _end(timeout: float | None) -> float:
+    return math.inf if timeout is None else trio.current_time() + timeout
+
+
+def _left(end: float) -> float | None:
+    return None if end == math.inf else max(0.0, end - trio.current_time())
