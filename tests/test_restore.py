@@ -715,3 +715,47 @@ async def test_a_job_finished_before_the_crash_is_answered_without_waiting_for_t
 
 async def _append(out: list, aw) -> None:
     out.append(await aw)
+
+
+async def test_a_journal_row_that_cannot_be_read_is_marked_dead_and_the_rest_is_served(tmp_path, caplog):
+    """Before, one bad value stopped a broker that already served (and a restart refused to
+    start): now that job is dead, says why, keeps its row's payload for repair, and the
+    others run in order."""
+    path = tmp_path / "q.db"
+    jobs = _write_journal(path, [
+        dict(priority=2), dict(priority=1), dict(priority=3),
+        dict(priority=1, attempts=1, failures=1),  # a row that has run: read in full
+    ])
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE jobs SET payload=? WHERE seq=?", (b"{not json", jobs[1].seq))
+    conn.execute("UPDATE jobs SET error=? WHERE seq=?", ("[1, 2", jobs[3].seq))
+    conn.commit()
+    conn.close()
+    broker = Broker(_config(path, restore_chunk=2), now=trio.current_time, seed=1)
+    async with trio.open_nursery() as nursery:
+        await broker.start_core(nursery)
+        with trio.fail_after(10):
+            await broker.restored.wait()
+        fw = await FakeWorker.connect(broker, nursery, name="w", tasks=("noop",), concurrency=10)
+        got = await fw.deliveries_n(2)
+        assert [d.id for d in got] == [jobs[0].id, jobs[2].id]
+        for bad in (jobs[1], jobs[3]):
+            job = await broker.get_job(bad.id)
+            assert job is not None and job.state is JobState.DEAD and job.dead_reason == "corrupt_row"
+            assert job.error is not None and job.error.type == "CorruptRow" and "cannot be read" in job.error.message
+        stats = broker.stats()
+        assert stats["jobs"]["dead"] == 2 and stats["jobs"]["running"] == 2 and stats["jobs"]["queued"] == 0
+        await broker.writer.write([])  # the dead rows are committed
+        nursery.cancel_scope.cancel()
+    conn = sqlite3.connect(path)
+    states = dict(conn.execute("SELECT seq, state FROM jobs"))
+    assert states[jobs[1].seq] == "dead" and states[jobs[3].seq] == "dead"
+    # the unreadable payload is kept as it was, for whoever repairs it
+    assert conn.execute("SELECT payload FROM jobs WHERE seq=?", (jobs[1].seq,)).fetchone()[0] == b"{not json"
+    conn.close()
+    assert sum("cannot be read" in r.getMessage() for r in caplog.records) >= 2
+    again = SQLiteStore(path)
+    try:  # journaled dead: the next start does not read them again
+        assert {j.id for j in again.open_sync().jobs} == {jobs[0].id, jobs[2].id}
+    finally:
+        again.close_sync()

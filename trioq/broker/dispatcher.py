@@ -525,9 +525,15 @@ class Dispatcher:
         now = self.now()
         queued = JobState.QUEUED
         running = JobState.RUNNING
+        dead = JobState.DEAD
         idempotency = self.idempotency
+        corrupt: list[Job] = []
         n = 0
         for job in jobs:
+            if job.state is dead:  # a row no job could be read from (the store logged why)
+                self._finish(job, dead, now=now, reason=job.dead_reason)
+                corrupt.append(job)
+                continue
             if job.state is running:
                 job.worker = None
                 self._lose(job)  # requeued through _enqueue, or dead
@@ -552,6 +558,9 @@ class Dispatcher:
             if job.idempotency_key:
                 idempotency[job.owner, job.idempotency_key] = job
         self.n_queued += n
+        if corrupt:
+            self.dead += len(corrupt)
+            self.on_change(corrupt)  # journaled dead: the next start does not read them again
         return requeued, pending
 
     # --- the inbox ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from ..job import (
+    DEFAULT_PRIORITY,
     EMPTY_PAYLOAD,
     STATE_BY_VALUE,
     ErrorInfo,
@@ -253,6 +254,28 @@ def _counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
     return out
 
 
+def _corrupt_job(r: Sequence[Any], exc: Exception) -> Job:
+    """A row no job can be read from (a value that is not JSON, an unknown state): the job is
+    dead, and says why. Journaled dead, its row keeps every column the error does not replace
+    (the payload as it was), for whoever repairs it; the broker serves on."""
+    log.error(
+        "journal row seq %s (job %s) cannot be read (%s: %s): the job is marked dead (corrupt_row)",
+        r[0], r[1], type(exc).__name__, exc,
+    )
+
+    def plain(i: int, kind: type | tuple[type, ...], default: Any) -> Any:
+        v = r[i]
+        return v if isinstance(v, kind) and not isinstance(v, bool) else default
+
+    return Job(
+        seq=r[0], id=str(r[1]), task=str(r[2]), queue=str(r[3]), priority=plain(4, int, DEFAULT_PRIORITY),
+        state=JobState.DEAD, payload=None, attempts=plain(7, int, 0), failures=plain(8, int, 0),
+        worker_losses=plain(9, int, 0), max_attempts=plain(10, int, 1), created_at=plain(13, (int, float), 0.0),
+        error=ErrorInfo("CorruptRow", f"its journal row cannot be read ({type(exc).__name__}: {exc})", "", False),
+        idempotency_key=None, dead_reason="corrupt_row", owner=plain(22, str, None),
+    )
+
+
 class SQLiteStore(Store):
     inline = False
     #: Batches of at least this many rows are written as one JSON value (_json_batch).
@@ -421,18 +444,23 @@ class SQLiteStore(Store):
         """
         fresh = (fresh_rows or _FreshRows()).job
         jobs: list[Job] = []
-        used: list[int] = []  # positions in jobs of rows that are not pristine
+        used: list[tuple[int, int]] = []  # positions in jobs, and seqs, of rows that are not pristine
         # Row by row, not fetchall(): a million rows held at once would stay in the process's
         # memory long after they are freed.
         for r in w.execute(
             f"SELECT {_FRESH_SELECT}, {_PRISTINE} FROM jobs WHERE state IN (?, ?, ?) AND seq > ? ORDER BY seq LIMIT ?",
             (*UNFINISHED, after, limit),
         ):
-            if not r[8]:
-                used.append(len(jobs))
-            jobs.append(fresh(r))
-        for i in used:
-            row = w.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE seq=?", (jobs[i].seq,)).fetchone()
+            if r[8]:
+                try:
+                    jobs.append(fresh(r))
+                    continue
+                except Exception:  # read again in full: _job says what is wrong with it
+                    pass
+            used.append((len(jobs), r[0]))
+            jobs.append(None)  # type: ignore[arg-type]  # replaced below
+        for i, seq in used:
+            row = w.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE seq=?", (seq,)).fetchone()
             jobs[i] = self._job(row)
         return jobs
 
@@ -674,6 +702,13 @@ class SQLiteStore(Store):
 
     @staticmethod
     def _job(r: Sequence[Any]) -> Job:
+        try:
+            return SQLiteStore._whole_job(r)
+        except Exception as exc:
+            return _corrupt_job(r, exc)
+
+    @staticmethod
+    def _whole_job(r: Sequence[Any]) -> Job:
         err = _loads(r[18]) if r[18] is not None else None
         prog = _loads(r[19]) if r[19] is not None else None
         payload = r[6]
