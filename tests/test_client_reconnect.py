@@ -1,5 +1,5 @@
 """The client across lost connections, on the mock clock: waits and reads go on after a
-reconnect, keyed submits are sent again and stored once, unkeyed ones are not sent twice."""
+reconnect; a SUBMIT whose answer was lost is not sent again (its jobs may be stored, or done)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import trio
 import trio.testing
 
 import trioq
+from trioq.client import Client
 from trioq.job import JobSpec, JobState
 
-from .conftest import memory_broker
+from .conftest import memory_broker, memory_connect
 
 
 class CutOnce(trio.abc.Stream):
@@ -93,17 +94,7 @@ async def test_a_wait_cut_by_a_lost_connection_waits_again_and_returns_the_resul
         worker.request_stop()
 
 
-async def test_a_keyed_submit_whose_ack_was_lost_is_sent_again_and_stored_once(autojump_clock, nursery):
-    broker = await started(nursery)
-    links = Links(broker, nursery, cut_first_on=b'"t":"ack"')
-    async with trioq.Client(connect=links.connect) as c:
-        ids = await c.submit_many([JobSpec("noop", {}, idempotency_key=f"k{i}") for i in range(3)])
-        assert c.reconnects == 1
-    stored = [j for j in broker.dispatcher.live.values() if j.idempotency_key]
-    assert sorted(j.id for j in stored) == sorted(ids) and len(stored) == 3
-
-
-async def test_an_unkeyed_submit_whose_ack_was_lost_is_not_sent_twice(autojump_clock, nursery):
+async def test_a_submit_whose_ack_was_lost_is_not_sent_twice(autojump_clock, nursery):
     broker = await started(nursery)
     links = Links(broker, nursery, cut_first_on=b'"t":"ack"')
     async with trioq.Client(connect=links.connect) as c:
@@ -148,3 +139,190 @@ async def test_reconnect_timeout_zero_keeps_the_old_behaviour(autojump_clock, nu
         with pytest.raises(trioq.ConnectionLost):
             await c.status()
         assert links.attempts == 1
+
+
+# --- edges found by review --------------------------------------------------------------
+
+
+async def test_a_wait_in_progress_when_the_client_exits_ends_with_connection_lost(autojump_clock, nursery):
+    broker = await started(nursery)
+    outcome: list[BaseException] = []
+
+    async def wait(c: trioq.Client, job_id: str) -> None:
+        try:
+            await c.result(job_id)  # no timeout: waits for the job (there is no worker)
+        except trioq.TrioqError as exc:
+            outcome.append(exc)
+
+    with trio.move_on_after(120):  # mock time
+        async with trio.open_nursery() as outer, trioq.Client(connect=memory_connect(broker, nursery)) as c:
+            job_id = await c.submit("noop")
+            outer.start_soon(wait, c, job_id)
+            await trio.testing.wait_all_tasks_blocked()
+        # the client is closed first: its pending wait must end, not wait again
+    assert outcome and isinstance(outcome[0], trioq.ConnectionLost), outcome
+
+
+class Spinning(Exception):
+    pass
+
+
+async def test_a_keyed_run_on_a_closed_client_raises_instead_of_spinning(autojump_clock, nursery, monkeypatch):
+    broker = await started(nursery)
+    async with trioq.Client(connect=memory_connect(broker, nursery)) as c:
+        await c.status()
+    calls = 0
+    real_open = Client._open
+
+    def counting_open(self, msg, replies=1):
+        nonlocal calls
+        calls += 1
+        if calls > 1000:  # without this guard the loop never yields: the whole Trio run freezes
+            raise Spinning(f"_open called {calls} times without a checkpoint")
+        return real_open(self, msg, replies)
+
+    monkeypatch.setattr(Client, "_open", counting_open)
+    with pytest.raises(trioq.ConnectionLost):
+        await c.run("noop", idempotency_key="k1")
+
+
+async def test_a_reconnect_racing_the_client_exit_raises_connection_lost_and_leaks_nothing(autojump_clock, nursery):
+    broker = await started(nursery)
+    servers: list[trio.abc.Stream] = []
+
+    async def connect() -> trio.abc.Stream:
+        if servers:
+            await trio.sleep(1)  # a reconnect's TCP+TLS takes a while
+        client_side, server_side = trio.testing.memory_stream_pair()
+        servers.append(server_side)
+        nursery.start_soon(broker.serve_connection, server_side, "memory")
+        return client_side
+
+    outcome: list[BaseException] = []
+
+    async def status(c: trioq.Client) -> None:
+        try:
+            await c.status()
+        except BaseException as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as outer, trioq.Client(connect=connect) as c:
+        await c.status()
+        await servers[0].aclose()  # the broker's end goes away
+        await trio.testing.wait_all_tasks_blocked()
+        outer.start_soon(status, c)  # it reconnects: 1 s of connecting
+        await trio.testing.wait_all_tasks_blocked()
+        # the client exits while that reconnect is under way
+
+    await trio.sleep(5)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], trioq.ConnectionLost), repr(outcome[0])
+    assert broker._closers == {}, f"{len(broker._closers)} broker-side connection(s) left open"
+
+
+class CutFirstAck(trio.abc.Stream):
+    """The broker's side of a connection that breaks instead of sending the first ACK."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.armed = True
+
+    async def send_all(self, data) -> None:
+        if self.armed and b'"t":"ack"' in bytes(data):
+            self.armed = False
+            await self.inner.aclose()
+            raise trio.BrokenResourceError("cut by the test")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_keyed_submit_whose_ack_was_lost_is_not_sent_again_by_the_client(autojump_clock, nursery):
+    broker = await started(nursery)
+    worker = trioq.Worker(connect=memory_connect(broker, nursery), name="w")
+    await nursery.start(worker.run)
+    links = 0
+
+    async def connect() -> trio.abc.Stream:
+        nonlocal links
+        links += 1
+        if links > 1:
+            await trio.sleep(1)  # connecting again takes a moment (a broker restart: seconds)
+        client_side, server_side = trio.testing.memory_stream_pair()
+        if links == 1:
+            server_side = CutFirstAck(server_side)
+        nursery.start_soon(broker.serve_connection, server_side, "memory")
+        return client_side
+
+    async with trioq.Client(connect=connect) as c:
+        with pytest.raises(trioq.ConnectionLost, match="0 of the 1 jobs are stored; the next 1 may be"):
+            await c.submit("noop", idempotency_key="pay-invoice-42")
+        await trio.testing.wait_all_tasks_blocked()
+        # a key matches unfinished jobs only: sending it again after the job ran would run it
+        # again, so the client leaves that choice to its caller
+        assert (await c.status())["jobs"]["completed"] == 1 and c.reconnects == 1
+    assert broker.dispatcher.completed == 1, f"the keyed job ran {broker.dispatcher.completed} times"
+
+
+async def test_concurrent_requests_each_give_up_within_the_reconnect_timeout(autojump_clock, nursery):
+    broker = await started(nursery)
+    servers: list[trio.abc.Stream] = []
+    refuse = False
+
+    async def connect() -> trio.abc.Stream:
+        if refuse:
+            raise trioq.ConnectError("connection refused (the test's broker is down)")
+        client_side, server_side = trio.testing.memory_stream_pair()
+        servers.append(server_side)
+        nursery.start_soon(broker.serve_connection, server_side, "memory")
+        return client_side
+
+    async with trioq.Client(connect=connect, reconnect_timeout=5) as c:
+        await c.status()
+        refuse = True
+        await servers[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        took: list[float] = []
+
+        async def one() -> None:
+            t0 = trio.current_time()
+            with pytest.raises(trioq.ConnectError):
+                await c.status()
+            took.append(round(trio.current_time() - t0, 1))
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(one)
+    assert max(took) <= 5.5, f"seconds each caller waited with reconnect_timeout=5: {sorted(took)}"
+
+
+async def test_run_gives_up_at_its_result_timeout_while_the_broker_is_unreachable(autojump_clock, nursery):
+    broker = await started(nursery)
+    servers: list[trio.abc.Stream] = []
+    refuse = False
+
+    async def connect() -> trio.abc.Stream:
+        if refuse:
+            raise trioq.ConnectError("connection refused (the test's broker is down)")
+        client_side, server_side = trio.testing.memory_stream_pair()
+        servers.append(server_side)
+        nursery.start_soon(broker.serve_connection, server_side, "memory")
+        return client_side
+
+    async with trioq.Client(connect=connect) as c:  # reconnect_timeout: the default 30 s
+        await c.status()
+        refuse = True
+        await servers[0].aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        t0 = trio.current_time()
+        with pytest.raises((TimeoutError, trioq.ConnectError)) as got:
+            await c.run("noop", result_timeout=2)
+        took = trio.current_time() - t0
+    assert took < 4, f"run(result_timeout=2) returned after {took:.1f}s with {got.value!r}"

@@ -8,10 +8,17 @@ import trio
 import trio.testing
 
 import trioq
+from trioq.broker.server import BrokerHandle
 from trioq.job import JobState
 from trioq.protocol.messages import Drain, Error
 
 from .conftest import FakeWorker, memory_broker, memory_connect
+
+
+async def started(nursery):
+    broker = memory_broker()
+    await broker.start_core(nursery)
+    return broker
 
 
 def client(broker, nursery) -> trioq.Client:
@@ -169,3 +176,39 @@ async def test_a_submit_and_wait_sent_during_the_grace_is_stored_then_answered_s
         assert (await broker.get_job(running)).state is JobState.COMPLETED
     stored = [j for j in broker.dispatcher.live.values() if j.task == "noop"]
     assert len(stored) == 1 and stored[0].state is JobState.QUEUED
+
+
+async def test_a_second_shutdown_waits_for_the_first(autojump_clock, nursery):
+    broker = await started(nursery)
+    w = trioq.Worker(connect=memory_connect(broker, nursery), name="w")
+    await nursery.start(w.run)
+    async with trioq.Client(connect=memory_connect(broker, nursery), reconnect_timeout=0) as c:
+        job_id = await c.submit("slow_task", {"seconds": 5})
+        await trio.testing.wait_all_tasks_blocked()
+        assert broker.dispatcher.n_running == 1
+        async with trio.open_nursery() as stopping:
+            stopping.start_soon(broker.shutdown, 30.0)
+            await trio.testing.wait_all_tasks_blocked()
+            await broker.shutdown(30.0)  # e.g. BrokerHandle.shutdown from a second task
+            # the promise of shutdown(): the running job has reported (or was handed back)
+            assert broker.dispatcher.n_running == 0, "second shutdown() returned mid-grace"
+    assert (await broker.get_job(job_id)).state is trioq.JobState.COMPLETED
+
+
+async def test_a_second_handle_shutdown_does_not_cut_the_grace(autojump_clock, nursery):
+    with trio.CancelScope() as everything:
+        async with trio.open_nursery() as serving:
+            broker = await started(serving)
+            handle = BrokerHandle(broker, "127.0.0.1", 0, None, serving.cancel_scope)
+            w = trioq.Worker(connect=memory_connect(broker, nursery), name="w")
+            await nursery.start(w.run)
+            async with trioq.Client(connect=memory_connect(broker, nursery), reconnect_timeout=0) as c:
+                job_id = await c.submit("slow_task", {"seconds": 5})
+                await trio.testing.wait_all_tasks_blocked()
+                serving.start_soon(handle.shutdown, 30.0)
+                await trio.testing.wait_all_tasks_blocked()
+                serving.start_soon(handle.shutdown, 30.0)  # SIGTERM handler + an operator's call
+    assert not everything.cancelled_caught
+    job = broker.dispatcher.live.get(job_id) or broker._recent.get(job_id)
+    # within the 30 s grace the 5 s job reports; the broker was cut before it could
+    assert job is not None and job.state is trioq.JobState.COMPLETED, job and job.state

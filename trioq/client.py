@@ -94,6 +94,8 @@ class Client:
         self.reconnect_timeout = reconnect_timeout
         self.reconnects = 0
         self._reconnecting = trio.Lock()
+        self._reconnect_tries = 0  # reconnect attempts made, finished or failed
+        self._reconnect_error: ConnectError | None = None  # how the last one failed
         self._nursery: trio.Nursery | None = None
 
     async def __aenter__(self) -> Client:
@@ -120,17 +122,20 @@ class Client:
             raise
         finally:
             self._nursery = None
+            self._closed = None
             self._fail_pending(ConnectionLost("client closed"))
             if self._conn is not None:
                 await self._conn.aclose()
 
     async def _open_session(self) -> None:
         conn, welcome = await open_session(self._connect, self._hello, handshake_timeout=self._timeout)
+        if self._nursery is None:  # the client was closed while this reconnect connected
+            await conn.aclose()
+            raise ConnectionLost("client closed")
         old, self._conn, self.welcome, self._closed = self._conn, conn, welcome, None
+        self._nursery.start_soon(self._session, conn)
         if old is not None:
             await old.aclose()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._session, conn)
 
     async def _session(self, conn: FramedConnection) -> None:
         """One connection's writer and reader; a loss ends both, and fails what it carried."""
@@ -140,35 +145,56 @@ class Client:
 
     async def _reconnect(self) -> None:
         """After a lost connection: connect again, backing off, within ``reconnect_timeout``
-        (a broker restarting, or one that said it shuts down). ConnectError if it cannot."""
-        async with self._reconnecting:  # one task reconnects; the others find it done
-            if self._closed is None or self._nursery is None:
+        (a broker restarting, or one that said it shuts down). ConnectError if it cannot.
+
+        One task reconnects; those that queued behind it take its outcome (its error too:
+        each caller waits one ``reconnect_timeout`` at most, not one per caller ahead of it)."""
+        tries = self._reconnect_tries
+        async with self._reconnecting:
+            if self._nursery is None:
+                raise ConnectionLost("client closed")
+            if self._closed is None:
                 return
-            lost = self._closed
-            deadline = trio.current_time() + self.reconnect_timeout
-            delay = 0.05
-            while True:
-                try:
-                    await self._open_session()
-                    self.reconnects += 1
-                    return
-                except RemoteError as exc:
-                    if exc.code != ErrorCode.SHUTTING_DOWN:
-                        raise  # the broker refused this client's HELLO: it would again
-                    last: TrioqError = exc
-                except ConnectError as exc:
-                    last = exc
-                if trio.current_time() + delay > deadline:
-                    raise ConnectError(
-                        f"the connection to the broker was lost ({lost}) and could not be made again "
-                        f"within {self.reconnect_timeout:g}s: {last}"
-                    )
-                await trio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            if self._reconnect_tries != tries and self._reconnect_error is not None:
+                raise self._reconnect_error
+            try:
+                await self._reconnect_now(self._closed)
+                self._reconnect_error = None
+            except ConnectError as exc:
+                self._reconnect_error = exc
+                raise
+            finally:
+                self._reconnect_tries += 1
+
+    async def _reconnect_now(self, lost: BaseException) -> None:
+        deadline = trio.current_time() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                await self._open_session()
+                self.reconnects += 1
+                return
+            except RemoteError as exc:
+                if exc.code != ErrorCode.SHUTTING_DOWN:
+                    raise  # the broker refused this client's HELLO: it would again
+                last: TrioqError = exc
+            except ConnectError as exc:
+                last = exc
+            if trio.current_time() + delay > deadline:
+                raise ConnectError(
+                    f"the connection to the broker was lost ({lost}) and could not be made again "
+                    f"within {self.reconnect_timeout:g}s: {last}"
+                )
+            await trio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _ready(self) -> None:
-        if self._closed is not None and self.reconnect_timeout > 0 and self._nursery is not None:
+        if self._closed is not None and self.reconnect_timeout > 0:
             await self._reconnect()
+
+    def _may_retry(self) -> bool:
+        """After a ConnectionLost: whether a wait or a read may be sent again."""
+        return self.reconnect_timeout > 0 and self._nursery is not None
 
     async def _writer(self, conn: FramedConnection, scope: trio.CancelScope) -> None:
         try:
@@ -258,7 +284,7 @@ class Client:
         try:
             return await self._request(msg)
         except ConnectionLost:
-            if self.reconnect_timeout <= 0:
+            if not self._may_retry():
                 raise
         return await self._request(msg)
 
@@ -288,44 +314,44 @@ class Client:
 
         The broker answers with an ACK once the job is stored and a JOB once it is final, both
         for this one request: a TimeoutError after the ACK names the job's id (the job goes on).
-        A connection lost after the ACK is waited out as ``result`` does; before it, the job is
-        sent again only if it has an idempotency key (otherwise it may be stored twice)."""
+        A connection lost after the ACK is waited out as ``result`` does; one lost before it
+        raises ConnectionLost (the job may be stored: see ``submit_many``)."""
         spec = JobSpec(task, {} if payload is None else payload, **options)
         end = _end(result_timeout)
-        while True:
+        with trio.move_on_after(math.inf if result_timeout is None else result_timeout) as connecting:
             await self._ready()
-            if self.welcome is None or not self.welcome.submit_wait:
-                return await self.result((await self.submit_many([spec]))[0], timeout=_left(end))
-            told, deadline = self._wait_timeouts(_left(end))
-            msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=told)
-            job_id = None
-            try:
-                with trio.fail_after(deadline):
-                    recv = self._open(msg, replies=2)
-                    ack = await self._reply(recv, msg)
-                    assert isinstance(ack, Ack)
-                    job_id = ack.ids[0]
-                    reply = await self._reply(recv, msg)
-            except trio.TooSlowError:
-                if job_id is None:
-                    raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
+        if connecting.cancelled_caught:
+            raise TimeoutError(f"no connection to the broker within {result_timeout}s: the {task!r} job was not sent")
+        if self.welcome is None or not self.welcome.submit_wait:
+            return await self.result((await self.submit_many([spec]))[0], timeout=_left(end))
+        told, deadline = self._wait_timeouts(_left(end))
+        msg = Submit(next(self._ids), [spec], wait=True, wait_timeout=told)
+        job_id = None
+        try:
+            with trio.fail_after(deadline):
+                recv = self._open(msg, replies=2)
+                ack = await self._reply(recv, msg)
+                assert isinstance(ack, Ack)
+                job_id = ack.ids[0]
+                reply = await self._reply(recv, msg)
+        except trio.TooSlowError:
+            if job_id is None:
+                raise TimeoutError(f"a {task!r} job was not accepted within {result_timeout}s") from None
+            raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
+        except RemoteError as exc:
+            if told is not None and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
                 raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
-            except RemoteError as exc:
-                if told is not None and job_id is not None and exc.code == ErrorCode.TIMEOUT.value:
-                    raise TimeoutError(f"job {job_id} did not finish within {result_timeout}s") from None
-                raise
-            except ConnectionLost as exc:
-                if self.reconnect_timeout <= 0:
-                    raise
-                if job_id is not None:
-                    return await self.result(job_id, timeout=_left(end))
-                if spec.idempotency_key is None:
-                    raise type(exc)(f"{exc} (the job may have been stored: with an idempotency_key it is sent again)") from None
-                continue
-            finally:
-                self._close(msg)
-            assert isinstance(reply, JobReply)
-            return reply.job
+            raise
+        except ConnectionLost as exc:
+            if job_id is not None and self._may_retry():
+                return await self.result(job_id, timeout=_left(end))
+            if job_id is None:
+                raise type(exc)(f"{exc} (the job may have been stored: {_RESEND})") from None
+            raise
+        finally:
+            self._close(msg)
+        assert isinstance(reply, JobReply)
+        return reply.job
 
     def _wait_timeouts(self, timeout: float | None) -> tuple[float | None, float]:
         """The timeout to tell the broker (where it takes one, so that a wait given up on here
@@ -338,9 +364,10 @@ class Client:
         return None, timeout
 
     async def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
-        """Submit a batch in as few frames as the broker's batch limit allows. A frame whose
-        answer a lost connection took is sent again once connected if every job in it has an
-        idempotency key; otherwise ConnectionLost says how many jobs are surely stored."""
+        """Submit a batch in as few frames as the broker's batch limit allows.
+
+        A SUBMIT whose answer a lost connection took is not sent again by the client: its jobs
+        may be stored, and may even have run. ConnectionLost says how many are surely stored."""
         await self._ready()
         limit = self.welcome.max_batch if self.welcome else 1000
         ids: list[str] = []
@@ -349,12 +376,9 @@ class Client:
             try:
                 reply = await self._request(Submit(next(self._ids), chunk))
             except ConnectionLost as exc:
-                if self.reconnect_timeout <= 0 or not all(spec.idempotency_key is not None for spec in chunk):
-                    raise type(exc)(
-                        f"{exc} ({len(ids)} of the {len(specs)} jobs are stored; the next {len(chunk)} may be: "
-                        "with idempotency keys they are sent again)"
-                    ) from None
-                reply = await self._request(Submit(next(self._ids), chunk))
+                raise type(exc)(
+                    f"{exc} ({len(ids)} of the {len(specs)} jobs are stored; the next {len(chunk)} may be: {_RESEND})"
+                ) from None
             assert isinstance(reply, Ack)
             ids.extend(reply.ids)
         return ids
@@ -376,7 +400,7 @@ class Client:
                     raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
                 raise
             except ConnectionLost:
-                if self.reconnect_timeout <= 0:
+                if not self._may_retry():
                     raise
                 if retries:  # a broker that keeps closing new connections is not hammered
                     await trio.sleep(min(0.05 * 2**retries, 2.0))
@@ -426,6 +450,12 @@ class Client:
         reply = await self._read(StatusRequest(next(self._ids)))
         assert isinstance(reply, StatusReply)
         return reply.stats
+
+
+_RESEND = (
+    "sent again with the same idempotency keys, they are found while unfinished, "
+    "but a job that finished meanwhile runs again"
+)
 
 
 def _end(timeout: float | None) -> float:

@@ -66,7 +66,9 @@ log = logging.getLogger("trioq.broker")
 
 BACKPRESSURE_WAIT = 30.0
 RECENT_JOBS = 50_000
-SHUTDOWN_CLOSE_TIMEOUT = 5.0  # for open requests to be answered and connections to close
+#: for open requests to be answered and connections to close: a producer's WIND_DOWN, its
+#: answers' flush (2 s) and the TLS close (1 s), with room to spare
+SHUTDOWN_CLOSE_TIMEOUT = 8.0
 MAX_NAME = 200  # characters in a HELLO name
 
 
@@ -203,6 +205,7 @@ class Broker:
         #: how shutdown() ends each open connection, by connection
         self._closers: dict[FramedConnection, Callable[[], None]] = {}
         self._all_closed = trio.Event()
+        self._shut = trio.Event()  # shutdown() is over
 
     # --- startup ------------------------------------------------------------------
 
@@ -263,10 +266,16 @@ class Broker:
         request is answered ``shutting_down``, and every connection is told so before it
         closes. SUBMITs are served until then: they are stored, and run after the restart.
         """
-        if self.closing:
+        if self.closing:  # a second caller returns when the first one is done
+            await self._shut.wait()
             return
         self.closing = True
-        grace = self.config.shutdown_grace if grace is None else grace
+        try:
+            await self._shutdown(self.config.shutdown_grace if grace is None else grace)
+        finally:
+            self._shut.set()
+
+    async def _shutdown(self, grace: float) -> None:
         self._listening.cancel()
         d = self.dispatcher
         await self._call(self._stop_dispatching)
@@ -299,6 +308,7 @@ class Broker:
                 await self.writer.write([])
             except StoreError:
                 pass  # the store is failing: the rows are written by serve's last flush
+        self._all_closed = trio.Event()  # connections that ended during the grace set it already
         for close in list(self._closers.values()):
             close()
         if self._closers:

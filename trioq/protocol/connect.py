@@ -54,6 +54,9 @@ def tcp_tls_factory(
             if isinstance(cause, ssl.SSLCertVerificationError):
                 raise ConnectError(f"broker {host}:{port} certificate rejected: {cause.verify_message or cause}") from None
             raise ConnectError(f"TLS handshake with {host}:{port} failed: {cause or exc}") from None
+        except BaseException:  # cancelled (the caller's timeout): the socket must not leak
+            await trio.aclose_forcefully(tcp)
+            raise
         return tls
 
     return connect
