@@ -215,6 +215,10 @@ async def test_security_health_openapi_and_pages(env: Env) -> None:
     r = await env.client.get("/healthz")
     assert r.status_code == 503 and r.json()["store_healthy"] is False
     env.broker.writer.healthy = True
+    env.broker.closing = True  # as shutdown() sets it, for the grace and the close
+    r = await env.client.get("/healthz")
+    assert r.status_code == 503 and r.json() == {"status": "stopping", "store_healthy": True}
+    env.broker.closing = False
 
     r = await env.client.get("/openapi.json")
     assert r.status_code == 200 and r.json()["openapi"].startswith("3.")

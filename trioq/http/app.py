@@ -221,9 +221,11 @@ class HttpApi:
 
     async def healthz(self, request: Request) -> Response:
         healthy = self.broker.writer.healthy
+        # A broker shutting down still answers, but a load balancer should send no one new.
+        status = "stopping" if self.broker.closing else "ok" if healthy else "degraded"
         return JSONResponse(
-            {"status": "ok" if healthy else "degraded", "store_healthy": healthy},
-            status_code=200 if healthy else 503,
+            {"status": status, "store_healthy": healthy},
+            status_code=200 if status == "ok" else 503,
         )
 
     async def prometheus(self, request: Request) -> Response:

@@ -157,7 +157,7 @@ SCHEMAS: dict[str, Any] = {
         "latency_p50_ms": _nullable(NUM), "latency_p99_ms": _nullable(NUM),
     }),
     "Timeseries": _object({"interval": INT, "points": {"type": "array", "items": _ref("Point")}}),
-    "Health": _object({"status": {"type": "string", "enum": ["ok", "degraded"]}, "store_healthy": BOOL}),
+    "Health": _object({"status": {"type": "string", "enum": ["ok", "degraded", "stopping"]}, "store_healthy": BOOL}),
 }
 
 _JOB_ID = {"name": "id", "in": "path", "required": True, "schema": STR, "description": "Job id"}
@@ -239,7 +239,7 @@ def build_openapi() -> dict[str, Any]:
                 "summary": "Liveness and store health",
                 "responses": {
                     "200": _json("Healthy", _ref("Health")),
-                    "503": _json("The store is failing", _ref("Health")),
+                    "503": _json("The store is failing, or the broker is shutting down", _ref("Health")),
                 },
             }
         },
