@@ -141,3 +141,35 @@ async def test_a_failing_trim_turns_trimming_off_and_the_broker_goes_on(autojump
     with trio.fail_after(10):
         await done.wait()  # it returned instead of raising into the nursery
     assert calls == 1 and "heap trimming failed" in caplog.text
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of the tasks whose name ends with ``suffix``."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task) -> None:
+        if task.name.endswith(self.suffix):
+            self.steps += 1
+
+
+async def test_an_idle_broker_does_not_wake_to_look_for_running_marks(autojump_clock, nursery):
+    store = StateLog()
+    broker = make(store, dispatch_mark_delay=0.05)
+    await broker.start_core(nursery)
+    w = await FakeWorker.connect(broker, nursery, name="w", concurrency=1, heartbeat=1.0)
+    await trio.testing.wait_all_tasks_blocked()
+    steps = _Steps("_mark_loop")
+    trio.lowlevel.add_instrument(steps)
+    try:
+        await trio.sleep(10)
+        assert steps.steps == 0  # it looked every 50 ms before: 200 steps in 10 s
+        (job_id,), _ = await broker.submit([JobSpec("noop", {})])
+        await w.next_delivery()
+        await trio.sleep(10)
+        assert store.log[-1] == (job_id, "running")  # journaled at its due time, then asleep
+        assert 1 <= steps.steps <= 3
+    finally:
+        trio.lowlevel.remove_instrument(steps)

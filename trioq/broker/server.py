@@ -165,6 +165,7 @@ class Broker:
         self.dispatcher.on_requeue = self._log_requeue
         self.dispatcher.on_dispatch = self._dispatched
         self._marks: deque[tuple[float, list[Job]]] = deque()
+        self._marked = trio.Event()  # set when a mark arrives while there were none
         self.writer = StoreWriter(store)
         self.writer.on_commit.append(self._committed)
         #: SUBMITs' jobs between their frame and their answer (see budget.py)
@@ -487,7 +488,10 @@ class Broker:
         if self.config.dispatch_mark_delay <= 0:
             self.journal(jobs)
         else:
-            self._marks.append((trio.current_time(), jobs))
+            marks = self._marks
+            if not marks:
+                self._marked.set()
+            marks.append((trio.current_time(), jobs))
 
     async def _mark_loop(self) -> None:
         """Journal RUNNING marks of jobs still running ``dispatch_mark_delay`` after dispatch."""
@@ -496,7 +500,10 @@ class Broker:
             return
         marks = self._marks
         while True:
-            await trio.sleep(delay)
+            if not marks:  # an idle broker sleeps, instead of looking every ``delay``
+                self._marked = trio.Event()
+                await self._marked.wait()
+            await trio.sleep_until(marks[0][0] + delay)
             cutoff = trio.current_time() - delay
             due: list[Job] = []
             while marks and marks[0][0] <= cutoff:
