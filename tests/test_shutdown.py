@@ -3,6 +3,8 @@ still runs is handed back in line, and every open request gets an answer, not a 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import trio
 import trio.testing
@@ -13,6 +15,14 @@ from trioq.job import JobState
 from trioq.protocol.messages import Drain, Error
 
 from .conftest import FakeWorker, memory_broker, memory_connect
+
+
+async def failure_of(call, into: list[BaseException]) -> None:
+    """Runs ``call()``, keeping the TrioqError it raises, if any."""
+    try:
+        await call()
+    except trioq.TrioqError as exc:
+        into.append(exc)
 
 
 async def started(nursery):
@@ -77,14 +87,7 @@ async def test_jobs_still_running_after_the_grace_go_back_in_line_and_their_wait
         await trio.testing.wait_all_tasks_blocked()
         assert broker.dispatcher.live[first].state is JobState.RUNNING
         errors: list[BaseException] = []
-
-        async def wait_first() -> None:
-            try:
-                await c.result(first)
-            except trioq.TrioqError as exc:
-                errors.append(exc)
-
-        nursery.start_soon(wait_first)
+        nursery.start_soon(failure_of, partial(c.result, first), errors)
         await trio.testing.wait_all_tasks_blocked()
         t0 = trio.current_time()
         await broker.shutdown(grace=2.0)
@@ -108,14 +111,7 @@ async def test_waits_are_answered_at_once_when_no_job_runs_and_new_connections_a
     async with client(broker, nursery) as waiting, client(broker, nursery) as idle:
         queued = await waiting.submit("noop")  # no worker: it waits in line
         outcome: list[BaseException] = []
-
-        async def wait_it() -> None:
-            try:
-                await waiting.result(queued)
-            except trioq.TrioqError as exc:
-                outcome.append(exc)
-
-        nursery.start_soon(wait_it)
+        nursery.start_soon(failure_of, partial(waiting.result, queued), outcome)
         await trio.testing.wait_all_tasks_blocked()
         t0 = trio.current_time()
         await broker.shutdown()
