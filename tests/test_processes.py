@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -94,10 +95,10 @@ async def test_sigterm_lets_the_running_job_finish_and_its_waiting_client_gets_t
                 n.start_soon(wait)
                 broker.proc.send_signal(signal.SIGTERM)
             assert [j.state for j in waited] == [JobState.COMPLETED]
+            with trio.fail_after(30):  # it exits by itself: nobody sends SIGKILL
+                assert await broker.proc.wait() == 0
             with pytest.raises(trioq.BrokerShuttingDown):
                 await c.status()  # the broker said why the connection ended
-        with trio.fail_after(30):  # it exits by itself: nobody sends SIGKILL
-            assert await broker.proc.wait() == 0
         assert any("shutting down: waiting up to 10s for 1 running job(s)" in line for line in broker.lines)
     finally:
         await broker.stop()
@@ -168,3 +169,31 @@ async def test_a_client_waiting_on_a_job_rides_through_a_broker_restart(nursery,
         await broker.stop()
         if again is not None:
             await again.stop()
+
+
+async def test_local_workers_end_with_a_broker_killed_with_sigkill(nursery, tmp_path):
+    """No orphan: the supervised worker sees its broker gone (no signal could tell it) and stops."""
+    port = free_port()
+    broker = await _broker(nursery, tmp_path, port, "--workers", "1")
+    started = await broker.wait_for(r"started local worker 1 \(pid (\d+)\)")
+    await broker.wait_for(r"worker local-1 joined")
+    pid = int(started.group(1))
+    try:
+        os.kill(broker.proc.pid, signal.SIGKILL)  # the broker alone, not its process group
+        await broker.proc.wait()
+        with trio.fail_after(30):
+            while _alive(pid):  # noqa: ASYNC110 - another process's end: polled, bounded
+                await trio.sleep(0.05)
+    finally:
+        await broker.stop()
+        if _alive(pid):  # the broker's group is gone with it: this one is not, if the test failed
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (not reaped yet) has ended
+        return f.read().split(")")[-1].split()[0] != "Z"

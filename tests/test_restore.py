@@ -743,9 +743,16 @@ async def test_a_journal_row_that_cannot_be_read_is_marked_dead_and_the_rest_is_
             job = await broker.get_job(bad.id)
             assert job is not None and job.state is JobState.DEAD and job.dead_reason == "corrupt_row"
             assert job.error is not None and job.error.type == "CorruptRow" and "cannot be read" in job.error.message
+            with pytest.raises(RequestError) as refused:  # it has no payload to run with
+                await broker.retry_job(bad.id)
+            assert refused.value.code.value == "invalid_state" and "discard" in refused.value.message
         stats = broker.stats()
         assert stats["jobs"]["dead"] == 2 and stats["jobs"]["running"] == 2 and stats["jobs"]["queued"] == 0
         await broker.writer.write([])  # the dead rows are committed
+        # read back from the store (the payload still cannot be read): the same dead job
+        page = broker.store.list_sync(state=JobState.DEAD)
+        assert {j.id for j in page.jobs} == {jobs[1].id, jobs[3].id}
+        assert all(j.dead_reason == "corrupt_row" and j.finished_at is not None for j in page.jobs)
         nursery.cancel_scope.cancel()
     conn = sqlite3.connect(path)
     states = dict(conn.execute("SELECT seq, state FROM jobs"))
@@ -753,7 +760,8 @@ async def test_a_journal_row_that_cannot_be_read_is_marked_dead_and_the_rest_is_
     # the unreadable payload is kept as it was, for whoever repairs it
     assert conn.execute("SELECT payload FROM jobs WHERE seq=?", (jobs[1].seq,)).fetchone()[0] == b"{not json"
     conn.close()
-    assert sum("cannot be read" in r.getMessage() for r in caplog.records) >= 2
+    # said once per row, when it is marked dead, not at every read of it
+    assert sum("the job is marked dead" in r.getMessage() for r in caplog.records) == 2
     again = SQLiteStore(path)
     try:  # journaled dead: the next start does not read them again
         assert {j.id for j in again.open_sync().jobs} == {jobs[0].id, jobs[2].id}

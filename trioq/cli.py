@@ -388,6 +388,9 @@ def worker(**o: Any) -> None:
                             nursery.cancel_scope.cancel()
 
             nursery.start_soon(on_signals)
+            parent = os.environ.get("TRIOQ_PARENT_PID", "")
+            if parent.isdigit():
+                nursery.start_soon(_end_with_parent, int(parent), nursery.cancel_scope)
             await w.run()
             nursery.cancel_scope.cancel()
 
@@ -395,6 +398,23 @@ def worker(**o: Any) -> None:
         trio.run(run)
     except (ConnectError, RemoteError) as exc:
         fail(str(exc), 3)
+
+
+async def _end_with_parent(parent: int, scope: trio.CancelScope) -> None:
+    """A local worker of ``trioq broker --workers`` stops when that broker is gone, even
+    SIGKILLed: no orphan reconnecting forever, or serving a broker started after it."""
+    try:
+        fd = os.pidfd_open(parent)
+    except (OSError, AttributeError):  # gone already, or no pidfd here: look every second
+        while os.getppid() == parent:  # noqa: ASYNC110 - a process's end has no trio event without pidfd
+            await trio.sleep(1)
+    else:
+        try:
+            await trio.lowlevel.wait_readable(fd)  # readable once the process has ended
+        finally:
+            os.close(fd)
+    log.warning("the broker that started this worker (pid %d) is gone: stopping", parent)
+    scope.cancel()
 
 
 # --- submit -------------------------------------------------------------------------------------------
@@ -538,8 +558,6 @@ def status(**o: Any) -> None:
         if s.get("restoring"):
             pending = s.get("restore_pending") or "?"
             click.echo(f"restoring   {pending} job(s) of the journal not loaded yet, counted as queued (the broker serves meanwhile)")
-        if s.get("stopping"):
-            click.echo("stopping    the broker is shutting down: nothing more is dispatched while running jobs finish")
         click.echo(f"workers     {w['total']} ({w['idle']} idle, {w['busy']} busy, {w.get('capacity', 0)} slots)")
         click.echo("jobs        " + ", ".join(f"{k} {v}" for k, v in s["jobs"].items()))
         click.echo(f"requeued    {s['requeued']}")

@@ -180,12 +180,13 @@ class Client:
                 last: TrioqError = exc
             except ConnectError as exc:
                 last = exc
-            if trio.current_time() + delay > deadline:
+            left = deadline - trio.current_time()
+            if left <= 0:
                 raise ConnectError(
                     f"the connection to the broker was lost ({lost}) and could not be made again "
                     f"within {self.reconnect_timeout:g}s: {last}"
                 )
-            await trio.sleep(delay)
+            await trio.sleep(min(delay, left))  # the last try is at the deadline, not before it
             delay = min(delay * 2, 2.0)
 
     async def _ready(self) -> None:

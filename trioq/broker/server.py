@@ -42,7 +42,7 @@ from ..protocol.messages import (
     Welcome,
     fits_in_frames,
 )
-from ..store.base import Backlog, JobPage, Store
+from ..store.base import CORRUPT_ROW, Backlog, JobPage, Store
 from ..store.memory import MemoryStore
 from ..store.sqlite import SQLiteStore
 from ..store.writer import StoreWriter
@@ -504,9 +504,10 @@ class Broker:
                 self._marked = trio.Event()
                 await self._marked.wait()
             await trio.sleep_until(marks[0][0] + delay)
-            cutoff = trio.current_time() - delay
+            now = trio.current_time()
             due: list[Job] = []
-            while marks and marks[0][0] <= cutoff:
+            # the same sum as the deadline slept to: ``now - delay`` can round below it
+            while marks and marks[0][0] + delay <= now:
                 due.extend(job for job in marks.popleft()[1] if job.state is JobState.RUNNING)
             if due:
                 self.journal(due)
@@ -746,7 +747,10 @@ class Broker:
 
     def worker_left(self, slot: WorkerSlot, reason: str) -> None:
         self.worker_sessions.pop(slot.id, None)
-        log.log(logging.INFO if self.closing else logging.WARNING, "worker %s lost: %s", slot.name, reason)
+        if self.closing:
+            log.info("worker %s left: the broker is shutting down", slot.name)
+        else:
+            log.warning("worker %s lost: %s", slot.name, reason)
         self.publish_worker(slot, "lost")
 
     def _log_requeue(self, slot: WorkerSlot | None, jobs: list[Job], reason: str) -> None:
@@ -978,6 +982,12 @@ class Broker:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job with id {job_id!r}")
         if job.state not in (JobState.DEAD, JobState.CANCELLED):
             raise RequestError(ErrorCode.INVALID_STATE, f"only dead or cancelled jobs can be retried; {job_id} is {job.state.value}")
+        if job.dead_reason == CORRUPT_ROW:
+            raise RequestError(
+                ErrorCode.INVALID_STATE,
+                f"job {job_id} cannot be run again: its journal row cannot be read ({job.error.message if job.error else CORRUPT_ROW}); "
+                "repair the row, or discard the job",
+            )
         holder = await self._call(self.dispatcher.held_by, job_id)
         if holder is not None:
             # Cancelled while running, and its worker has not said the attempt stopped (a sync

@@ -46,6 +46,7 @@ async def _keep_alive(
     if tasks:
         cmd += ["--tasks", tasks]
     env = dict(os.environ)
+    env["TRIOQ_PARENT_PID"] = str(os.getpid())  # the worker ends with this process, even a SIGKILLed one
     env.pop("TRIOQ_TOKEN", None)
     if token:
         env["TRIOQ_TOKEN"] = token  # through the environment, never on the command line

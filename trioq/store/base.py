@@ -16,6 +16,9 @@ import attrs
 
 from ..job import Job, JobIds, JobState
 
+#: the dead_reason of a job whose journal row cannot be read (it cannot run again)
+CORRUPT_ROW = "corrupt_row"
+
 
 @attrs.frozen
 class Recovered:

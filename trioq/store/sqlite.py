@@ -31,7 +31,7 @@ from ..job import (
     Progress,
     shared_name,
 )
-from .base import Backlog, JobPage, Recovered, Store
+from .base import CORRUPT_ROW, Backlog, JobPage, Recovered, Store
 
 log = logging.getLogger("trioq.store")
 
@@ -256,23 +256,24 @@ def _counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
 
 def _corrupt_job(r: Sequence[Any], exc: Exception) -> Job:
     """A row no job can be read from (a value that is not JSON, an unknown state): the job is
-    dead, and says why. Journaled dead, its row keeps every column the error does not replace
-    (the payload as it was), for whoever repairs it; the broker serves on."""
-    log.error(
-        "journal row seq %s (job %s) cannot be read (%s: %s): the job is marked dead (corrupt_row)",
-        r[0], r[1], type(exc).__name__, exc,
-    )
+    dead, says why, and cannot be retried. Journaled dead, its row keeps every column the
+    error does not replace (the payload as it was), for whoever repairs it; the broker serves
+    on. A row that is final already keeps its state (a completed job whose result is bad)."""
 
     def plain(i: int, kind: type | tuple[type, ...], default: Any) -> Any:
         v = r[i]
         return v if isinstance(v, kind) and not isinstance(v, bool) else default
 
+    state = STATE_BY_VALUE.get(r[5])
+    final = state is not None and state.terminal
     return Job(
         seq=r[0], id=str(r[1]), task=str(r[2]), queue=str(r[3]), priority=plain(4, int, DEFAULT_PRIORITY),
-        state=JobState.DEAD, payload=None, attempts=plain(7, int, 0), failures=plain(8, int, 0),
+        state=state if final else JobState.DEAD, payload=None, attempts=plain(7, int, 0), failures=plain(8, int, 0),
         worker_losses=plain(9, int, 0), max_attempts=plain(10, int, 1), created_at=plain(13, (int, float), 0.0),
+        started_at=plain(14, (int, float), None), finished_at=plain(15, (int, float), None),
         error=ErrorInfo("CorruptRow", f"its journal row cannot be read ({type(exc).__name__}: {exc})", "", False),
-        idempotency_key=None, dead_reason="corrupt_row", owner=plain(22, str, None),
+        idempotency_key=None, dead_reason=CORRUPT_ROW if not final or r[5] == JobState.DEAD.value else None,
+        owner=plain(22, str, None),
     )
 
 
@@ -461,7 +462,13 @@ class SQLiteStore(Store):
             jobs.append(None)  # type: ignore[arg-type]  # replaced below
         for i, seq in used:
             row = w.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE seq=?", (seq,)).fetchone()
-            jobs[i] = self._job(row)
+            job = jobs[i] = self._job(row)
+            if job.state is JobState.DEAD:  # it was unfinished: a row that cannot be read
+                assert job.error is not None
+                log.error(
+                    "journal row seq %s (job %s): %s: the job is marked dead (%s)",
+                    seq, job.id, job.error.message, CORRUPT_ROW,
+                )
         return jobs
 
     @staticmethod

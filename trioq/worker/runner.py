@@ -28,7 +28,14 @@ import orjson
 import trio
 import trio.lowlevel
 
-from ..errors import ConnectError, ConnectionLost, ErrorCode, ProtocolError, RemoteError
+from ..errors import (
+    BrokerShuttingDown,
+    ConnectError,
+    ConnectionLost,
+    ErrorCode,
+    ProtocolError,
+    RemoteError,
+)
 from ..job import DEFAULT_QUEUE, ErrorInfo, Progress
 from ..protocol.connect import StreamFactory, open_session, tcp_tls_factory
 from ..protocol.framing import FramedConnection
@@ -237,6 +244,7 @@ class Worker:
         self.failed = 0
         self.released = 0
         self.reconnects = 0
+        self._ended_by: BaseException | None = None  # what ended the last session
         self.session_count = 0
 
     def statistics(self) -> WorkerStatistics:
@@ -300,13 +308,17 @@ class Worker:
                 if trio.current_time() - began < SHORT_SESSION:
                     # Ended soon after it began (the broker closed it, say for a frame it
                     # refused): reconnecting at once would loop as fast as TLS allows.
-                    log.warning("worker %s lost its broker connection; reconnecting in %.1fs", self.name, delay)
+                    log.log(self._loss_level(), "worker %s lost its broker connection; reconnecting in %.1fs", self.name, delay)
                     with trio.move_on_after(delay):
                         await self._stopping.wait()
                     delay = min(delay * 2, 5.0)
                 else:
                     delay = 0.1
-                    log.warning("worker %s lost its broker connection; reconnecting", self.name)
+                    log.log(self._loss_level(), "worker %s lost its broker connection; reconnecting", self.name)
+
+    def _loss_level(self) -> int:
+        """A broker that said it shuts down is routine: its restart is waited for quietly."""
+        return logging.INFO if isinstance(self._ended_by, BrokerShuttingDown) else logging.WARNING
 
     def _hello(self) -> Hello:
         defaults = {}
@@ -357,7 +369,10 @@ class Worker:
                 if self._idle is not None:
                     self._idle.set()
             nursery.cancel_scope.cancel()
-        if lost is not None and not self._stop_requested:
+        self._ended_by = lost
+        if isinstance(lost, BrokerShuttingDown):
+            log.info("worker %s: the broker is shutting down; connecting again once it is back", self.name)
+        elif lost is not None and not self._stop_requested:
             log.warning("worker %s: connection ended: %s", self.name, lost)
 
     async def _write(self, conn: FramedConnection, scope: trio.CancelScope) -> None:
@@ -466,10 +481,11 @@ class Worker:
                     level = logging.INFO
                     if msg.fatal:  # type: ignore[attr-defined]
                         # a broker stopping is routine: the worker reconnects to its restart
-                        level = logging.WARNING if msg.code == ErrorCode.SHUTTING_DOWN else logging.ERROR  # type: ignore[attr-defined]
+                        level = logging.INFO if msg.code == ErrorCode.SHUTTING_DOWN else logging.ERROR  # type: ignore[attr-defined]
                     log.log(level, "broker says %s: %s", msg.code, msg.message)  # type: ignore[attr-defined]
                     if msg.fatal:  # type: ignore[attr-defined]
-                        raise ConnectionLost(f"broker closed the session: {msg.code}: {msg.message}")  # type: ignore[attr-defined]
+                        lost = BrokerShuttingDown if msg.code == ErrorCode.SHUTTING_DOWN else ConnectionLost  # type: ignore[attr-defined]
+                        raise lost(f"broker closed the session: {msg.code}: {msg.message}")  # type: ignore[attr-defined]
                 msg = conn.receive_nowait()
 
     # --- one job ---------------------------------------------------------------------------
