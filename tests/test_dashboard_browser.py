@@ -508,6 +508,42 @@ def test_no_console_errors_and_a_screenshot(dash: Dashboard, tmp_path: Path) -> 
     assert d.page.locator('[data-testid="toast"].err').count() == 0
 
 
+def test_a_restart_shows_loading_journal_while_it_serves_and_hides_it_once_loaded(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """A broker of its own, restarted on a journal of 30,000 queued jobs read one job a step
+    (--restore-chunk 1: seconds of loading): the page, served meanwhile, says so, then stops."""
+    from trioq.job import Job
+    from trioq.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "q.db")
+    rec = store.open_sync()
+    jobs = [Job(rec.job_ids.make(seq, 1)[0], seq, "noop", {}, 5, "default", created_at=1.0)
+            for seq in range(rec.next_seq, rec.next_seq + 30_000)]
+    store.commit_sync([store.insert_row(j) for j in jobs], [])
+    store.close_sync()
+    port, http_port = free_port(), free_port()
+    b = BrokerProcess(
+        ["broker", "--port", str(port), "--http-port", str(http_port), "--db", str(tmp_path / "q.db"),
+         "--certs-dir", str(tmp_path / "certs"), "--restore-chunk", "1"],
+        tmp_path,
+    )
+    context = browser.new_context()
+    try:
+        b.wait_for(rf"HTTP API and dashboard on http://127\.0\.0\.1:{http_port}")
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{http_port}/", wait_until="load")
+        badge = page.get_by_test_id("restore-badge")
+        expect(badge).to_be_visible(timeout=WAIT_MS)
+        expect(badge).to_have_attribute("title", re.compile(r"unfinished jobs of the journal are not loaded yet"))
+        b.wait_for(r"30000 unfinished job\(s\) restored in .* while serving", within=120)
+        expect(badge).to_be_hidden(timeout=WAIT_MS)
+        expect(page.get_by_test_id("stat-queue_size")).to_have_attribute("data-value", "30000", timeout=WAIT_MS)
+    finally:
+        context.close()
+        b.stop()
+
+
 def test_a_shutdown_shows_stopping_and_the_broker_exits_by_itself(dash: Dashboard) -> None:
     """Last in the module: it stops the shared broker (SIGTERM to it alone, its worker keeps
     the job), and the page, still served during the grace, says so."""
