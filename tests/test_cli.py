@@ -221,6 +221,16 @@ def test_a_bad_restore_chunk_is_refused_before_the_broker_starts(value, says, tm
         BrokerConfig(restore_chunk=0).validate()
 
 
+@pytest.mark.parametrize("value, says", [("-1", "-1.0 is not in the range"), ("nan", "nan"), ("soon", "'soon'")])
+def test_a_bad_shutdown_grace_is_refused_before_the_broker_starts(value, says, tmp_path):
+    r = CliRunner().invoke(main, ["broker", "--db", str(tmp_path / "q.db"), "--shutdown-grace", value])
+    assert r.exit_code == 2, r.output
+    assert "--shutdown-grace" in r.output and says in r.output
+    assert not (tmp_path / "q.db").exists()  # refused before anything was opened
+    with pytest.raises(ValueError, match="shutdown_grace must be a finite number, 0 or more"):
+        BrokerConfig(shutdown_grace=float("inf")).validate()
+
+
 def test_a_broker_config_with_nan_is_refused():
     with pytest.raises(ValueError, match="heartbeat_interval must be a positive number of seconds"):
         BrokerConfig(heartbeat_interval=math.nan).validate()
