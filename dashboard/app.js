@@ -1442,13 +1442,28 @@
     openDetail(id);
   }
 
+  // An answer to a request (submit, cancel, retry) shows the job as it was when the broker
+  // answered; the event stream, in commit order, may already have shown a later state (a quick
+  // job completed before the answer arrived). An answer is applied only if no event about that
+  // job came after the request was sent: the stream always brings the request's own change.
+  var lastEventAt = new Map();
+  function noteJobEvent(id) {
+    if (lastEventAt.size > 20000) lastEventAt.clear();
+    lastEventAt.set(String(id), performance.now());
+  }
+  function answerIsNewest(id, sentAt) {
+    var seen = lastEventAt.get(String(id));
+    return seen === undefined || seen < sentAt;
+  }
+
   function jobAction(id, action, btn) {
     var labels = { cancel: 'Cancel', retry: 'Retry', discard: 'Discard' };
     var done = { cancel: 'Cancelled', retry: 'Retried', discard: 'Discarded' };
+    var sentAt = performance.now();
     return withBusy(btn, mutate('POST', '/api/jobs/' + encodeURIComponent(id) + '/' + action, undefined,
       { label: labels[action] + ' ' + shortId(id), success: done[action] + ' job ' + shortId(id) }))
       .then(function (job) {
-        if (job && job.id != null) upsertJob(job, false);
+        if (job && job.id != null && answerIsNewest(job.id, sentAt)) upsertJob(job, false);
         if (action === 'discard') {
           // a discarded dead job leaves the dead list even if the server echoes its last state
           if (log.tab === 'dead' || (job && job.state === 'dead')) removeRowSoon(String(id));
@@ -1654,13 +1669,14 @@
     var ik = $('submit-idempotency-key').value.trim();
     if (ik) body.idempotency_key = ik;
     setSubmitResult('', 'Submitting…');
+    var sentAt = performance.now();
     withBusy($('submit-button'), mutate('POST', '/api/submit', body, { quiet: true })).then(function (data) {
       var id = data && (data.id != null ? data.id : data.job && data.job.id);
       var link = h('a', { 'data-testid': 'submit-job-id', 'data-job-id': String(id), title: 'Open job ' + id, text: String(id) });
       link.addEventListener('click', function () { openDetail(id); });
       setSubmitResult('ok', h('span', null, data && data.existing ? '✓ Already submitted (idempotency key): job ' : '✓ Submitted job ', link));
       $('submit-result').setAttribute('data-job-id', String(id));
-      if (data && data.job && data.job.id != null) queueJobEvent(data.job);
+      if (data && data.job && data.job.id != null && answerIsNewest(data.job.id, sentAt)) queueJobEvent(data.job);
       refreshTasksSoon(); refreshQueuesSoon();
     }, function (err) {
       var msg = err.code === 'no_token' ? 'Not submitted: a token is required.' : 'Error' + (err.code && err.code.indexOf('http_') !== 0 ? ' (' + err.code + ')' : '') + ': ' + err.message;
@@ -1735,6 +1751,7 @@
   }
 
   function onJobEvent(job) {
+    if (job && job.id != null) noteJobEvent(job.id);
     queueJobEvent(job);
     refreshQueuesSoon();
     refreshTasksSoon();
