@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -306,6 +307,38 @@ def test_submit_from_the_form_asks_for_the_token_and_completes_live(dash: Dashbo
 
     job = d.api_job(job_id)
     assert job["state"] == "completed" and job["result"] == "olleh" and job["priority"] == 1
+    assert_same_page(d)
+
+
+def test_an_answer_that_comes_after_the_stream_does_not_turn_a_finished_job_back(dash: Dashboard) -> None:
+    """The submit's answer (the job as stored, not finished yet) is held until the stream has
+    shown the job completed: the row stays completed (it went back to running once in CI)."""
+    d = dash
+    d.ensure_token()
+    held: list = []
+    d.page.route("**/api/submit", lambda route: held.append((route, route.fetch())))
+    try:
+        d.fill_form("reverse_string", '{"data": "late"}', 1)
+        d.by_id("submit-button").click()
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while not held:  # the handler runs as the page's events are processed
+            assert time.monotonic() < deadline, "the submit never reached the route"
+            d.page.wait_for_timeout(20)
+        route, answer = held[0]
+        job_id = answer.json()["id"]
+        assert answer.json()["job"]["state"] in ("queued", "running")
+        row = d.job_row(job_id)
+        expect(row).to_have_attribute("data-state", "completed", timeout=WAIT_MS)  # from the stream
+        route.fulfill(response=answer)
+    finally:
+        d.page.unroute("**/api/submit")
+    expect(d.by_id("submit-result")).to_have_attribute("data-job-id", job_id, timeout=WAIT_MS)
+    # A later job's row shows once the page has applied what was queued before it: the answer too.
+    r = d.api.post("/api/submit", json={"task": "to_uppercase", "payload": {"data": "x"}},
+                   headers={"Authorization": f"Bearer {d.token}"})
+    assert r.status_code == 201, r.text
+    expect(d.job_row(r.json()["id"])).to_be_visible(timeout=WAIT_MS)
+    expect(row).to_have_attribute("data-state", "completed")
     assert_same_page(d)
 
 
