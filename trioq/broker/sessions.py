@@ -238,7 +238,7 @@ class ProducerSession(Session):
                 if self._closing:  # WIND_DOWN is over: still an answer, before the connection ends
                     what = f"this {msg.TYPE}"
                     if type(msg) is Submit:
-                        what += " (its jobs may be stored: an idempotency key makes sending them again safe)"
+                        what += " (its jobs may be stored: sent again with the same idempotency keys, they are found while unfinished)"
                     try:
                         self.conn.send_nowait(Error(ErrorCode.SHUTTING_DOWN.value, f"the broker is shutting down before answering {what}", req=req))
                     except ConnectionLost:
