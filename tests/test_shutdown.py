@@ -208,3 +208,21 @@ async def test_a_second_handle_shutdown_does_not_cut_the_grace(autojump_clock, n
     job = broker.dispatcher.live.get(job_id) or broker._recent.get(job_id)
     # within the 30 s grace the 5 s job reports; the broker was cut before it could
     assert job is not None and job.state is trioq.JobState.COMPLETED, job and job.state
+
+
+async def test_a_request_still_waiting_when_the_wind_down_ends_is_answered_shutting_down(autojump_clock, nursery):
+    """A SUBMIT waiting for room under --max-queued (it may wait 30 s) when the broker stops:
+    after the 3 s wind-down it is answered, not cut, and says its jobs may be stored."""
+    broker = memory_broker(max_queued=1)
+    await broker.start_core(nursery)
+    async with client(broker, nursery) as c:
+        await c.submit("noop")  # no worker: the queue is full
+        errors: list[BaseException] = []
+        nursery.start_soon(failure_of, partial(c.submit, "noop"), errors)
+        await trio.testing.wait_all_tasks_blocked()
+        t0 = trio.current_time()
+        await broker.shutdown()
+        assert 2.9 < trio.current_time() - t0 < 4  # the wind-down, not the 30 s wait for room
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(errors) == 1 and isinstance(errors[0], trioq.BrokerShuttingDown)
+    assert "before answering this submit" in str(errors[0]) and "may be stored" in str(errors[0])
