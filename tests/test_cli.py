@@ -211,24 +211,27 @@ def test_numbers_json_cannot_carry_are_refused_before_anything_starts(args, hint
     assert hint in r.output and says in r.output
 
 
-@pytest.mark.parametrize("value, says", [("0", "0 is not in the range"), ("many", "'many' is not a valid integer")])
-def test_a_bad_restore_chunk_is_refused_before_the_broker_starts(value, says, tmp_path):
-    r = CliRunner().invoke(main, ["broker", "--db", str(tmp_path / "q.db"), "--restore-chunk", value])
+@pytest.mark.parametrize("flag, value, says", [
+    ("--restore-chunk", "0", "0 is not in the range"),
+    ("--restore-chunk", "many", "'many' is not a valid integer"),
+    ("--shutdown-grace", "-1", "-1.0 is not in the range"),
+    ("--shutdown-grace", "nan", "nan"),
+    ("--shutdown-grace", "soon", "'soon'"),
+])
+def test_a_bad_restore_chunk_or_shutdown_grace_is_refused_before_the_broker_starts(flag, value, says, tmp_path):
+    r = CliRunner().invoke(main, ["broker", "--db", str(tmp_path / "q.db"), flag, value])
     assert r.exit_code == 2, r.output
-    assert "--restore-chunk" in r.output and says in r.output
+    assert flag in r.output and says in r.output
     assert not (tmp_path / "q.db").exists()  # refused before anything was opened
-    with pytest.raises(ValueError, match="restore_chunk must be positive"):
-        BrokerConfig(restore_chunk=0).validate()
 
 
-@pytest.mark.parametrize("value, says", [("-1", "-1.0 is not in the range"), ("nan", "nan"), ("soon", "'soon'")])
-def test_a_bad_shutdown_grace_is_refused_before_the_broker_starts(value, says, tmp_path):
-    r = CliRunner().invoke(main, ["broker", "--db", str(tmp_path / "q.db"), "--shutdown-grace", value])
-    assert r.exit_code == 2, r.output
-    assert "--shutdown-grace" in r.output and says in r.output
-    assert not (tmp_path / "q.db").exists()  # refused before anything was opened
-    with pytest.raises(ValueError, match="shutdown_grace must be a finite number, 0 or more"):
-        BrokerConfig(shutdown_grace=float("inf")).validate()
+@pytest.mark.parametrize("field, value, says", [
+    ("restore_chunk", 0, "restore_chunk must be positive"),
+    ("shutdown_grace", float("inf"), "shutdown_grace must be a finite number, 0 or more"),
+])
+def test_a_broker_config_refuses_a_bad_restore_chunk_or_shutdown_grace(field, value, says):
+    with pytest.raises(ValueError, match=says):
+        BrokerConfig(**{field: value}).validate()
 
 
 def test_a_broker_config_with_nan_is_refused():

@@ -67,6 +67,10 @@ async def _running(c: trioq.Client, job_id: str) -> trioq.Job:
     return job
 
 
+async def _result_into(c: trioq.Client, job_id: str, into: list[trioq.Job]) -> None:
+    into.append(await c.result(job_id, timeout=120))
+
+
 async def _broker(nursery, tmp_path, port: int, *flags: str) -> TrioqProcess:
     broker = await TrioqProcess.start(
         nursery, "broker", "broker", "--port", str(port), "--no-http", "--db", str(tmp_path / "q.db"), *flags, cwd=tmp_path,
@@ -87,12 +91,8 @@ async def test_sigterm_lets_the_running_job_finish_and_its_waiting_client_gets_t
             job_id = await c.submit("slow_task", {"seconds": 2})
             await _running(c, job_id)
             waited: list[trioq.Job] = []
-
-            async def wait() -> None:
-                waited.append(await c.result(job_id, timeout=60))
-
             async with trio.open_nursery() as n:
-                n.start_soon(wait)
+                n.start_soon(_result_into, c, job_id, waited)
                 broker.proc.send_signal(signal.SIGTERM)
             assert [j.state for j in waited] == [JobState.COMPLETED]
             with trio.fail_after(30):  # it exits by itself: nobody sends SIGKILL
@@ -150,12 +150,8 @@ async def test_a_client_waiting_on_a_job_rides_through_a_broker_restart(nursery,
             job_id = await c.submit("slow_task", {"seconds": 3})
             await _running(c, job_id)
             done: list[trioq.Job] = []
-
-            async def wait() -> None:
-                done.append(await c.result(job_id, timeout=120))
-
             async with trio.open_nursery() as n:
-                n.start_soon(wait)
+                n.start_soon(_result_into, c, job_id, done)
                 broker.proc.send_signal(signal.SIGTERM)
                 with trio.fail_after(30):
                     assert await broker.proc.wait() == 0
