@@ -370,9 +370,11 @@ class Worker:
                     self._idle.set()
             nursery.cancel_scope.cancel()
         self._ended_by = lost
-        if isinstance(lost, BrokerShuttingDown):
+        if self._stop_requested:
+            pass  # this worker is stopping too: nothing to wait for
+        elif isinstance(lost, BrokerShuttingDown):
             log.info("worker %s: the broker is shutting down; connecting again once it is back", self.name)
-        elif lost is not None and not self._stop_requested:
+        elif lost is not None:
             log.warning("worker %s: connection ended: %s", self.name, lost)
 
     async def _write(self, conn: FramedConnection, scope: trio.CancelScope) -> None:
