@@ -318,8 +318,13 @@ class Broker:
 
     def _stop_dispatching(self) -> None:
         for session in self.worker_sessions.values():
-            self.dispatcher.drain_nowait(session.slot)
-            session.send_drain(False)  # "quiet": it finishes what it runs, and stays connected
+            self._drain_nowait(session, stop=False)  # it finishes what it runs, and stays connected
+
+    def _drain_nowait(self, session: WorkerSession, *, stop: bool) -> None:
+        """In the dispatcher task: the worker gets no new job, and is told (DRAIN quiet or stop)."""
+        self.dispatcher.drain_nowait(session.slot, stopping=stop)
+        session.send_drain(stop)
+        self.publish_worker(session.slot, "updated")
 
     def _hand_back_running(self) -> list[Job]:
         back = []
@@ -733,9 +738,6 @@ class Broker:
             return
         self.dispatcher.join_nowait(slot)
         self.worker_sessions[slot.id] = session
-        if self.closing:  # it connected as the port closed: it gets nothing more
-            self.dispatcher.drain_nowait(slot)
-            session.send_drain(False)
         for task, defaults in session.hello.defaults.items():
             self.task_defaults[task] = attrs.asdict(defaults)
         self.writer.write_nowait([], tasks=slot.tasks)
@@ -744,6 +746,8 @@ class Broker:
             slot.name, slot.address, slot.concurrency, ",".join(slot.queues), ",".join(sorted(slot.tasks)),
         )
         self.publish_worker(slot, "joined")
+        if self.closing:  # it connected as the port closed: it gets nothing more
+            self._drain_nowait(session, stop=False)
 
     def worker_left(self, slot: WorkerSlot, reason: str) -> None:
         self.worker_sessions.pop(slot.id, None)
@@ -1037,10 +1041,8 @@ class Broker:
         session = self.worker_sessions.get(worker_id)
         if session is None:
             raise RequestError(ErrorCode.UNKNOWN_JOB, f"no worker with id {worker_id!r}")
-        await self._call(lambda: self.dispatcher.drain_nowait(session.slot, stopping=stop))
-        session.send_drain(stop)
+        await self._call(partial(self._drain_nowait, session, stop=stop))
         log.info("worker %s asked to %s", session.slot.name, "stop" if stop else "quiet")
-        self.publish_worker(session.slot, "updated")
         return session.slot
 
     # --- views ------------------------------------------------------------------------------
