@@ -272,3 +272,10 @@ async def test_run_gives_up_at_its_result_timeout_while_the_broker_is_unreachabl
             await c.run("noop", result_timeout=2)
         took = trio.current_time() - t0
     assert took < 4, f"run(result_timeout=2) returned after {took:.1f}s with {got.value!r}"
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_a_reconnect_timeout_that_is_not_a_finite_number_of_seconds_is_refused(value):
+    # nan made the reconnect loop's deadline never pass: it tried for ever
+    with pytest.raises(ValueError, match="reconnect_timeout must be a finite number of seconds"):
+        trioq.Client(connect=Links(None, None).connect, reconnect_timeout=value)

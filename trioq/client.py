@@ -74,6 +74,8 @@ class Client:
         timeout: float = 10.0,
         reconnect_timeout: float = 30.0,
     ) -> None:
+        if not (math.isfinite(reconnect_timeout) and reconnect_timeout >= 0):
+            raise ValueError(f"reconnect_timeout must be a finite number of seconds, 0 or more, not {reconnect_timeout!r}")
         if connect is None:
             if ssl_context is None:
                 if ca is not None and not Path(ca).exists():
